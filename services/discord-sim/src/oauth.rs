@@ -1,0 +1,447 @@
+//! OAuth2: the authorize redirect, the token endpoint (authorization_code and refresh_token
+//! grants, PKCE, client authentication by Basic auth or body), revocation and bearer lookups.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+use crate::log::SimEventKind;
+use crate::state::{lock, Sim};
+
+/// Most codes / tokens kept at once (expired ones go first).
+const MAX_GRANTS: usize = 10_000;
+
+struct CodeGrant {
+    user_id: u64,
+    redirect_uri: Option<String>,
+    scope: String,
+    challenge: Option<(String, String)>,
+    expires: Instant,
+    used: bool,
+}
+
+pub struct AccessGrant {
+    pub user_id: u64,
+    pub scope: String,
+    pub expires: Instant,
+    refresh: String,
+}
+
+struct RefreshGrant {
+    user_id: u64,
+    scope: String,
+    expires: Instant,
+    access: String,
+}
+
+#[derive(Default)]
+pub struct OAuthState {
+    codes: HashMap<String, CodeGrant>,
+    access: HashMap<String, AccessGrant>,
+    refresh: HashMap<String, RefreshGrant>,
+    /// Control setting: who logs in at the next /oauth2/authorize.
+    pub next_user: Option<u64>,
+    /// Control setting: the next /oauth2/authorize answers with this error (e.g. access_denied).
+    pub next_error: Option<String>,
+}
+
+fn make_room<V>(map: &mut HashMap<String, V>, expired: impl Fn(&V) -> bool) {
+    if map.len() >= MAX_GRANTS {
+        map.retain(|_, v| !expired(v));
+    }
+    if map.len() >= MAX_GRANTS {
+        if let Some(k) = map.keys().next().cloned() {
+            map.remove(&k);
+        }
+    }
+}
+
+impl OAuthState {
+    /// The user and scope behind a bearer token, if it is valid.
+    pub fn bearer(&self, token: &str) -> Option<(u64, String)> {
+        self.access
+            .get(token)
+            .filter(|a| Instant::now() < a.expires)
+            .map(|a| (a.user_id, a.scope.clone()))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AuthorizeQuery {
+    response_type: Option<String>,
+    client_id: Option<String>,
+    scope: Option<String>,
+    state: Option<String>,
+    redirect_uri: Option<String>,
+    code_challenge: Option<String>,
+    code_challenge_method: Option<String>,
+    /// Simulator extension: which user logs in (id or username).
+    sim_user: Option<String>,
+    /// Simulator extension: the user presses "Cancel" (error=access_denied).
+    sim_deny: Option<String>,
+}
+
+fn error_page(status: u16, message: &str) -> HttpResponse {
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default())
+        .json(json!({"message": message, "code": 0}))
+}
+
+fn with_query(uri: &str, pairs: &[(&str, &str)]) -> String {
+    let mut out = uri.to_owned();
+    let mut sep = if uri.contains('?') { '&' } else { '?' };
+    for (k, v) in pairs {
+        out.push(sep);
+        out.push_str(k);
+        out.push('=');
+        out.push_str(&urlencode(v));
+        sep = '&';
+    }
+    out
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `GET /oauth2/authorize`: the simulated user approves at once and is redirected back.
+pub async fn authorize(
+    _req: HttpRequest,
+    q: web::Query<AuthorizeQuery>,
+    sim: web::Data<Arc<Sim>>,
+) -> HttpResponse {
+    let q = q.into_inner();
+    let cfg = &sim.config.oauth;
+    if q.client_id.as_deref() != Some(cfg.client_id.as_str()) {
+        sim.record(SimEventKind::OAuth {
+            endpoint: "authorize".into(),
+            outcome: "unknown client_id".into(),
+        });
+        return error_page(400, "Unknown Application");
+    }
+    let Some(redirect) = q.redirect_uri.clone() else {
+        return error_page(400, "Invalid OAuth2 redirect_uri");
+    };
+    if !cfg.redirect_uris.is_empty() && !cfg.redirect_uris.contains(&redirect) {
+        return error_page(400, "Invalid OAuth2 redirect_uri");
+    }
+    let state = q.state.clone().unwrap_or_default();
+    let redirect_error = |error: &str, description: &str| {
+        let mut pairs = vec![("error", error), ("error_description", description)];
+        if !state.is_empty() {
+            pairs.push(("state", state.as_str()));
+        }
+        HttpResponse::Found()
+            .insert_header(("Location", with_query(&redirect, &pairs)))
+            .finish()
+    };
+    if q.response_type.as_deref() != Some("code") {
+        return redirect_error("unsupported_response_type", "response_type must be code");
+    }
+    let scope = q.scope.clone().unwrap_or_default();
+    if scope.split_whitespace().next().is_none() {
+        return redirect_error(
+            "invalid_scope",
+            "The requested scope is invalid, unknown, or malformed.",
+        );
+    }
+    let challenge = match (&q.code_challenge, q.code_challenge_method.as_deref()) {
+        (None, _) => None,
+        (Some(c), None | Some("S256")) => Some((c.clone(), "S256".to_owned())),
+        (Some(c), Some("plain")) => Some((c.clone(), "plain".to_owned())),
+        (Some(_), Some(_)) => {
+            return redirect_error("invalid_request", "Unsupported code_challenge_method");
+        }
+    };
+    let forced_error = lock(&sim.oauth).next_error.take();
+    if q.sim_deny.is_some() || forced_error.is_some() {
+        let error = forced_error.unwrap_or_else(|| "access_denied".into());
+        sim.record(SimEventKind::OAuth {
+            endpoint: "authorize".into(),
+            outcome: format!("error {error}"),
+        });
+        return redirect_error(
+            &error,
+            "The resource owner or authorization server denied the request",
+        );
+    }
+    let user = {
+        let world = lock(&sim.world);
+        let next = lock(&sim.oauth).next_user.take();
+        match (&q.sim_user, next) {
+            (Some(key), _) => world.find_user(key).map(|u| u.id),
+            (None, Some(id)) => world.users.get(&id).map(|u| u.id),
+            (None, None) => world.first_human().map(|u| u.id),
+        }
+    };
+    let Some(user_id) = user else {
+        return error_page(400, "sim_user names no simulated user");
+    };
+    let code = sim.random_token(30);
+    {
+        let mut o = lock(&sim.oauth);
+        make_room(&mut o.codes, |c| Instant::now() >= c.expires);
+        o.codes.insert(
+            code.clone(),
+            CodeGrant {
+                user_id,
+                redirect_uri: Some(redirect.clone()),
+                scope,
+                challenge,
+                expires: Instant::now() + cfg.code_lifetime,
+                used: false,
+            },
+        );
+    }
+    sim.record(SimEventKind::OAuth {
+        endpoint: "authorize".into(),
+        outcome: format!("code for user {user_id}"),
+    });
+    let mut pairs = vec![("code", code.as_str())];
+    if !state.is_empty() {
+        pairs.push(("state", state.as_str()));
+    }
+    HttpResponse::Found()
+        .insert_header(("Location", with_query(&redirect, &pairs)))
+        .finish()
+}
+
+/// An OAuth2 error body (`{error, error_description}`) with its status.
+pub type OAuthReply = (u16, Value);
+
+fn oauth_error(status: u16, error: &str, description: &str) -> OAuthReply {
+    (
+        status,
+        json!({"error": error, "error_description": description}),
+    )
+}
+
+/// Client credentials from `Authorization: Basic` or the form body.
+fn client_ok(sim: &Sim, auth: Option<&str>, form: &HashMap<String, String>) -> bool {
+    let cfg = &sim.config.oauth;
+    let from_basic = auth
+        .and_then(|h| h.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.split_once(':').map(|(a, b)| (a.to_owned(), b.to_owned())));
+    let (id, secret) = match from_basic {
+        Some(pair) => pair,
+        None => (
+            form.get("client_id").cloned().unwrap_or_default(),
+            form.get("client_secret").cloned().unwrap_or_default(),
+        ),
+    };
+    id == cfg.client_id && secret == cfg.client_secret
+}
+
+fn issue(sim: &Sim, o: &mut OAuthState, user_id: u64, scope: &str) -> Value {
+    let access = sim.random_token(30);
+    let refresh = sim.random_token(30);
+    let cfg = &sim.config.oauth;
+    let now = Instant::now();
+    make_room(&mut o.access, |a| now >= a.expires);
+    make_room(&mut o.refresh, |r| now >= r.expires);
+    o.access.insert(
+        access.clone(),
+        AccessGrant {
+            user_id,
+            scope: scope.to_owned(),
+            expires: now + cfg.access_token_lifetime,
+            refresh: refresh.clone(),
+        },
+    );
+    o.refresh.insert(
+        refresh.clone(),
+        RefreshGrant {
+            user_id,
+            scope: scope.to_owned(),
+            expires: now + cfg.refresh_token_lifetime,
+            access: access.clone(),
+        },
+    );
+    json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": cfg.access_token_lifetime.as_secs(),
+        "refresh_token": refresh,
+        "scope": scope,
+    })
+}
+
+fn pkce_ok(challenge: &(String, String), verifier: Option<&String>) -> bool {
+    let Some(v) = verifier else { return false };
+    if !(43..=128).contains(&v.len()) {
+        return false;
+    }
+    match challenge.1.as_str() {
+        "plain" => *v == challenge.0,
+        _ => {
+            let digest = sha2::Sha256::digest(v.as_bytes());
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest) == challenge.0
+        }
+    }
+}
+
+/// `POST /api/oauth2/token`.
+pub fn token(sim: &Sim, auth: Option<&str>, body: &[u8]) -> OAuthReply {
+    let Ok(form) = serde_urlencoded::from_bytes::<HashMap<String, String>>(body) else {
+        return oauth_error(
+            400,
+            "invalid_request",
+            "Body must be application/x-www-form-urlencoded",
+        );
+    };
+    if !client_ok(sim, auth, &form) {
+        return oauth_error(401, "invalid_client", "Invalid client credentials");
+    }
+    let mut o = lock(&sim.oauth);
+    let now = Instant::now();
+    let reply = match form.get("grant_type").map(String::as_str) {
+        Some("authorization_code") => {
+            let Some(code) = form.get("code") else {
+                return oauth_error(400, "invalid_request", "Missing \"code\" in request.");
+            };
+            match o.codes.get_mut(code) {
+                None => oauth_error(400, "invalid_grant", "Invalid \"code\" in request."),
+                Some(g) if g.used || now >= g.expires => {
+                    g.used = true;
+                    oauth_error(400, "invalid_grant", "Invalid \"code\" in request.")
+                }
+                Some(g) if g.redirect_uri.as_ref() != form.get("redirect_uri") => {
+                    oauth_error(400, "invalid_grant", "Invalid \"redirect_uri\" in request.")
+                }
+                Some(g)
+                    if g.challenge
+                        .as_ref()
+                        .is_some_and(|c| !pkce_ok(c, form.get("code_verifier"))) =>
+                {
+                    oauth_error(
+                        400,
+                        "invalid_grant",
+                        "Invalid \"code_verifier\" in request.",
+                    )
+                }
+                Some(g) => {
+                    g.used = true;
+                    let (user, scope) = (g.user_id, g.scope.clone());
+                    (200, issue(sim, &mut o, user, &scope))
+                }
+            }
+        }
+        Some("refresh_token") => {
+            let Some(rt) = form.get("refresh_token") else {
+                return oauth_error(
+                    400,
+                    "invalid_request",
+                    "Missing \"refresh_token\" in request.",
+                );
+            };
+            match o.refresh.remove(rt) {
+                Some(r) if now < r.expires => (200, issue(sim, &mut o, r.user_id, &r.scope)),
+                // Rotation: a used (removed) or expired refresh token is invalid.
+                _ => oauth_error(
+                    400,
+                    "invalid_grant",
+                    "Invalid \"refresh_token\" in request.",
+                ),
+            }
+        }
+        Some("client_credentials") => oauth_error(
+            400,
+            "unsupported_grant_type",
+            "client_credentials is not simulated",
+        ),
+        _ => oauth_error(400, "unsupported_grant_type", "Unsupported grant type"),
+    };
+    drop(o);
+    sim.record(SimEventKind::OAuth {
+        endpoint: "token".into(),
+        outcome: format!(
+            "{} {}",
+            form.get("grant_type").map_or("?", String::as_str),
+            reply.1.get("error").and_then(Value::as_str).unwrap_or("ok")
+        ),
+    });
+    reply
+}
+
+/// `POST /api/oauth2/token/revoke`: revoking either token revokes the pair.
+pub fn revoke(sim: &Sim, auth: Option<&str>, body: &[u8]) -> OAuthReply {
+    let Ok(form) = serde_urlencoded::from_bytes::<HashMap<String, String>>(body) else {
+        return oauth_error(400, "invalid_request", "Body must be form-encoded");
+    };
+    if !client_ok(sim, auth, &form) {
+        return oauth_error(401, "invalid_client", "Invalid client credentials");
+    }
+    let Some(t) = form.get("token") else {
+        return oauth_error(400, "invalid_request", "Missing \"token\" in request.");
+    };
+    let mut o = lock(&sim.oauth);
+    if let Some(a) = o.access.remove(t) {
+        o.refresh.remove(&a.refresh);
+    }
+    if let Some(r) = o.refresh.remove(t) {
+        o.access.remove(&r.access);
+    }
+    drop(o);
+    sim.record(SimEventKind::OAuth {
+        endpoint: "revoke".into(),
+        outcome: "ok".into(),
+    });
+    (200, json!({}))
+}
+
+/// Lifetimes shortened for a test that wants expiry within seconds.
+pub fn expire_all_access_tokens(sim: &Sim) {
+    let mut o = lock(&sim.oauth);
+    let past = Instant::now() - Duration::from_millis(1);
+    for a in o.access.values_mut() {
+        a.expires = past;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s256_pkce_accepts_the_matching_verifier_only() {
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".to_owned();
+        let challenge = (
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM".to_owned(),
+            "S256".to_owned(),
+        );
+        assert!(pkce_ok(&challenge, Some(&verifier)));
+        let wrong = "x".repeat(43);
+        assert!(!pkce_ok(&challenge, Some(&wrong)));
+        assert!(!pkce_ok(&challenge, None));
+    }
+
+    #[test]
+    fn redirect_query_is_percent_encoded() {
+        assert_eq!(
+            with_query("http://a/cb", &[("state", "a b&c")]),
+            "http://a/cb?state=a%20b%26c"
+        );
+        assert_eq!(
+            with_query("http://a/cb?x=1", &[("code", "z")]),
+            "http://a/cb?x=1&code=z"
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! serenity_http tests.
