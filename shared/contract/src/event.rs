@@ -581,7 +581,8 @@ mod tests {
 
     #[test]
     fn malformed_and_hostile_events_give_typed_errors() {
-        let cases: Vec<(Vec<u8>, fn(&DecodeError) -> bool)> = vec![
+        type Check = fn(&DecodeError) -> bool;
+        let cases: Vec<(Vec<u8>, Check)> = vec![
             (b"not json".to_vec(), |e| matches!(e, DecodeError::Malformed(_))),
             (b"{}".to_vec(), |e| matches!(e, DecodeError::Invalid { field: "v", .. })),
             (br#"{"v":"1"}"#.to_vec(), |e| matches!(e, DecodeError::Invalid { field: "v", .. })),
