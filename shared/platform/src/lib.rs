@@ -21,5 +21,5 @@ pub mod runtime;
 pub mod settings;
 pub mod telemetry;
 
-pub use runtime::{signal, Service, ServiceBuilder};
+pub use runtime::{exit_code, signal, Service, ServiceBuilder};
 pub use settings::{CheckSettings, CommonSettings, Secret, SettingsError};

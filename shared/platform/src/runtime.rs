@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,42 @@ impl ServiceBuilder {
     }
     pub fn common(&self) -> &CommonSettings {
         &self.common
+    }
+
+    /// Creates (or updates) the `ROOMS` stream in the background, retrying with backoff while
+    /// NATS is unreachable. The returned check keeps the service unready until it succeeds.
+    pub fn ensure_rooms_stream(&self) -> (&'static str, ReadinessCheck) {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let settings = self.common.nats.clone();
+        let token = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match nats::ensure_rooms_stream(&js, &settings).await {
+                    Ok(_) => {
+                        flag.store(true, Ordering::SeqCst);
+                        tracing::info!("ROOMS stream ready");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "ROOMS stream not ready"),
+                }
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+        let check: ReadinessCheck = Box::new(move || {
+            if done.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("ROOMS stream not yet created".into())
+            }
+        });
+        ("rooms_stream", check)
     }
 
     /// Binds the HTTP server with the operational endpoints and `configure`'s routes.
@@ -239,5 +276,17 @@ pub async fn signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!(signal = "SIGINT", "signal received"),
         _ = term => tracing::info!(signal = "SIGTERM", "signal received"),
+    }
+}
+
+/// Ends `main`: logs and prints the error chain on one line, and picks the exit code.
+pub fn exit_code(service: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(service, error = format!("{e:#}"), "exiting with an error");
+            eprintln!("{service}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -43,8 +43,9 @@ pub const KNOWN_SECTIONS: &[&str] = &[
 /// Why settings could not be loaded. Messages name the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
+    /// Not `#[source]`: the message already includes it, and chains would print it twice.
     #[error("configuration error: {0}")]
-    Source(#[from] config::ConfigError),
+    Source(config::ConfigError),
     #[error("configuration error: unknown section `{section}` (from {ENV_PREFIX}__{upper}__… or the config file); known sections: {known}")]
     UnknownSection {
         section: String,
@@ -53,6 +54,12 @@ pub enum SettingsError {
     },
     #[error("configuration error: invalid value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+}
+
+impl From<config::ConfigError> for SettingsError {
+    fn from(e: config::ConfigError) -> Self {
+        SettingsError::Source(e)
+    }
 }
 
 impl SettingsError {
@@ -324,6 +331,49 @@ impl Default for ShutdownSettings {
         Self {
             grace_period_ms: 10_000,
         }
+    }
+}
+
+/// How to reach Discord (or the simulator). Read by gateway-listener and room-manager.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscordSettings {
+    /// Bot token. When unset, the dev stack runs the Discord simulator instead of Discord.
+    pub token: Option<Secret>,
+    /// REST base URL, `https://discord.com/api/v10` in production.
+    pub api_base: String,
+}
+
+impl Default for DiscordSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            api_base: "https://discord.com/api/v10".into(),
+        }
+    }
+}
+
+impl CheckSettings for DiscordSettings {
+    fn check(&self) -> Result<(), SettingsError> {
+        if !(self.api_base.starts_with("http://") || self.api_base.starts_with("https://")) {
+            return Err(SettingsError::invalid(
+                "discord.api_base",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if let Some(token) = &self.token {
+            let t = token.expose();
+            if t.is_empty()
+                || t.len() > 200
+                || t.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(SettingsError::invalid(
+                    "discord.token",
+                    "must be 1-200 characters without whitespace (value not shown)",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -11,6 +11,9 @@
 //! - [`wait_until`]: poll a condition until a deadline (no bare sleeps in tests).
 //! - [`ServiceProcess`]: run a service binary, read its output, send it SIGTERM, wait for its exit.
 //! - [`free_port`]: a currently free loopback port.
+//! - [`conformance`]: health, readiness, SIGTERM and bad-config checks every service runs.
+
+pub mod conformance;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
