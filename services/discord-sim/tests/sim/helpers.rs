@@ -170,3 +170,97 @@ impl Gw {
         .await;
     }
 }
+
+pub const REDIRECT: &str = "http://localhost:3000/callback";
+
+/// Query parameters of a redirect `Location`.
+pub fn location_params(resp: &reqwest::Response) -> std::collections::HashMap<String, String> {
+    let loc = resp
+        .headers()
+        .get("location")
+        .and_then(|h| h.to_str().ok())
+        .expect("redirect location")
+        .to_owned();
+    let query = loc
+        .split_once('?')
+        .map(|(_, q)| q.to_owned())
+        .unwrap_or_default();
+    serde_urlencoded::from_str(&query).expect("query")
+}
+
+/// Runs /oauth2/authorize for `user` and returns the code.
+pub async fn authorize_code(sim: &SimHandle, user: u64, extra: &str) -> String {
+    let url = format!(
+        "{}/oauth2/authorize?response_type=code&client_id={}&scope=identify%20guilds%20guilds.join&state=s1&redirect_uri={}&sim_user={user}{extra}",
+        sim.http_url(),
+        sim.config().oauth.client_id,
+        REDIRECT
+    );
+    let resp = http().get(url).send().await.expect("authorize");
+    assert_eq!(resp.status(), 302);
+    let p = location_params(&resp);
+    assert_eq!(p.get("state").map(String::as_str), Some("s1"));
+    p.get("code")
+        .cloned()
+        .unwrap_or_else(|| panic!("code in {p:?}"))
+}
+
+/// POSTs a form to the token endpoint with body client credentials.
+pub async fn token_request(sim: &SimHandle, form: &[(&str, &str)]) -> (u16, Value) {
+    let mut all: Vec<(&str, &str)> = form.to_vec();
+    all.push(("client_id", &sim.config().oauth.client_id));
+    all.push(("client_secret", &sim.config().oauth.client_secret));
+    let resp = http()
+        .post(format!("{}/api/oauth2/token", sim.http_url()))
+        .form(&all)
+        .send()
+        .await
+        .expect("token");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("json"))
+}
+
+/// A fresh access token for `user` (scopes identify, guilds, guilds.join).
+pub async fn access_token(sim: &SimHandle, user: u64) -> String {
+    let code = authorize_code(sim, user, "").await;
+    let (status, body) = token_request(
+        sim,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().expect("token").to_owned()
+}
+
+/// A bot-authenticated REST request; returns (status, headers, JSON body or null).
+pub async fn api(
+    sim: &SimHandle,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = http()
+        .request(method, format!("{}{path}", sim.api_url()))
+        .header("Authorization", bot_auth(sim));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.expect("body");
+    let v = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).expect("JSON body")
+    };
+    (status, headers, v)
+}
+
+pub fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
