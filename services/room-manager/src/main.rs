@@ -10,6 +10,10 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let settings = load_settings()?;
+    // `<binary> healthcheck`: the container health probe (the runtime image has no curl).
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return voicerooms_platform::ops::probe(settings.common.http.port);
+    }
     let _telemetry = telemetry::init(SERVICE, &settings.common.log, &settings.common.telemetry)?;
     let app = Application::build(settings).await?;
     app.run_until_stopped(voicerooms_platform::signal()).await

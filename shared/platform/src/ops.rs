@@ -139,3 +139,26 @@ async fn metrics(ops: web::Data<Ops>) -> HttpResponse {
 
 /// Shared handle, as services keep it.
 pub type SharedOps = Arc<Ops>;
+
+/// Container health probe: `GET /healthz` on 127.0.0.1:`port` with a 2 s timeout, using only std
+/// (the runtime image has no curl). Ok when it answers 200.
+pub fn probe(port: u16) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut head = [0u8; 32];
+    let n = stream.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    if line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "healthz answered {:?}",
+            line.lines().next().unwrap_or("")
+        ))
+    }
+}

@@ -152,7 +152,8 @@ pub fn env_var_names<T: Serialize + Default>() -> BTreeSet<String> {
 
 fn collect_keys(value: &serde_json::Value, path: &mut Vec<String>, out: &mut BTreeSet<String>) {
     match value {
-        serde_json::Value::Object(map) if !map.is_empty() => {
+        // An empty section has no keys to list.
+        serde_json::Value::Object(map) => {
             for (k, v) in map {
                 path.push(k.to_uppercase());
                 collect_keys(v, path, out);
