@@ -203,7 +203,9 @@ impl Connection {
                 }
                 msg = stream.recv() => {
                     match msg {
-                        None | Some(Err(_)) => return End::ClientGone(None),
+                        None => return End::ClientGone(None),
+                        // Oversized or malformed frames: Discord answers with a decode error.
+                        Some(Err(_)) => return End::Close(close::DECODE_ERROR),
                         Some(Ok(AggregatedMessage::Close(reason))) => {
                             return End::ClientGone(reason.map(|r| u16::from(r.code)));
                         }

@@ -75,7 +75,7 @@ pub enum SimEventKind {
         path: String,
         status: u16,
     },
-    OAuth {
+    Oauth {
         endpoint: String,
         outcome: String,
     },

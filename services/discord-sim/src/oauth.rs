@@ -125,7 +125,7 @@ pub async fn authorize(
     let q = q.into_inner();
     let cfg = &sim.config.oauth;
     if q.client_id.as_deref() != Some(cfg.client_id.as_str()) {
-        sim.record(SimEventKind::OAuth {
+        sim.record(SimEventKind::Oauth {
             endpoint: "authorize".into(),
             outcome: "unknown client_id".into(),
         });
@@ -168,7 +168,7 @@ pub async fn authorize(
     let forced_error = lock(&sim.oauth).next_error.take();
     if q.sim_deny.is_some() || forced_error.is_some() {
         let error = forced_error.unwrap_or_else(|| "access_denied".into());
-        sim.record(SimEventKind::OAuth {
+        sim.record(SimEventKind::Oauth {
             endpoint: "authorize".into(),
             outcome: format!("error {error}"),
         });
@@ -205,7 +205,7 @@ pub async fn authorize(
             },
         );
     }
-    sim.record(SimEventKind::OAuth {
+    sim.record(SimEventKind::Oauth {
         endpoint: "authorize".into(),
         outcome: format!("code for user {user_id}"),
     });
@@ -370,7 +370,7 @@ pub fn token(sim: &Sim, auth: Option<&str>, body: &[u8]) -> OAuthReply {
         _ => oauth_error(400, "unsupported_grant_type", "Unsupported grant type"),
     };
     drop(o);
-    sim.record(SimEventKind::OAuth {
+    sim.record(SimEventKind::Oauth {
         endpoint: "token".into(),
         outcome: format!(
             "{} {}",
@@ -400,7 +400,7 @@ pub fn revoke(sim: &Sim, auth: Option<&str>, body: &[u8]) -> OAuthReply {
         o.access.remove(&r.access);
     }
     drop(o);
-    sim.record(SimEventKind::OAuth {
+    sim.record(SimEventKind::Oauth {
         endpoint: "revoke".into(),
         outcome: "ok".into(),
     });

@@ -356,3 +356,70 @@ async fn the_session_start_budget_is_reported_and_spent() {
     assert_eq!(gw.recv().await.expect("op 9")["op"], 9);
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_frame_over_the_frame_limit_is_closed_with_4002_not_a_protocol_error() {
+    let sim = start_default().await;
+    let (mut gw, _) = Gw::hello(sim.gateway_url()).await;
+    gw.send_raw(Message::Text("y".repeat(100 * 1024))).await;
+    assert_eq!(gw.ended().await, Ended::Closed(4002));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn more_than_the_gateway_send_limit_is_closed_with_4008() {
+    let sim = start(SimConfig {
+        gateway_send_limit: 3,
+        ..SimConfig::for_tests()
+    })
+    .await;
+    let (mut gw, _) = Gw::hello(sim.gateway_url()).await;
+    for _ in 0..4 {
+        gw.send(json!({"op": 1, "d": null})).await;
+    }
+    assert_eq!(gw.ended().await, Ended::Closed(4008));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn resuming_from_a_seq_older_than_the_replay_buffer_gets_invalid_session_false() {
+    let sim = start(SimConfig {
+        replay_buffer: 2,
+        ..SimConfig::for_tests()
+    })
+    .await;
+    let (mut gw, sid) = Gw::ready(&sim).await;
+    gw.dispatch("GUILD_CREATE").await;
+    drop(gw);
+    assert!(wait_until(Duration::from_secs(5), || sim.connection_count() == 0).await);
+    for (id, _) in &seed::USERS[..4] {
+        sim.connect_voice(*id, seed::LOBBY_CHANNEL_ID)
+            .expect("join");
+    }
+    let (mut gw, _) = Gw::hello(sim.gateway_url()).await;
+    gw.send(json!({"op": 6, "d": {"token": sim.config().bot_token, "session_id": sid, "seq": 2}}))
+        .await;
+    assert_eq!(
+        gw.recv().await.expect("op 9"),
+        json!({"op": 9, "s": null, "t": null, "d": false})
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_api_version_is_closed_with_4012() {
+    let sim = start_default().await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/?v=3", sim.gateway_url()))
+        .await
+        .expect("connect");
+    use futures::StreamExt;
+    let mut code = None;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Close(Some(f)) = m {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(4012));
+    sim.shutdown().await;
+}
