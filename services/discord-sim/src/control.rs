@@ -372,6 +372,8 @@ struct Latency {
     rest_ms: u64,
     #[serde(default)]
     gateway_ms: u64,
+    #[serde(default)]
+    jitter_ms: u64,
 }
 
 async fn fault_latency(h: H, b: web::Json<Latency>) -> HttpResponse {
@@ -379,6 +381,7 @@ async fn fault_latency(h: H, b: web::Json<Latency>) -> HttpResponse {
         Duration::from_millis(b.rest_ms.min(60_000)),
         Duration::from_millis(b.gateway_ms.min(60_000)),
     );
+    h.set_jitter(Duration::from_millis(b.jitter_ms.min(60_000)));
     ok(json!({}))
 }
 

@@ -52,6 +52,9 @@ pub enum SimError {
     Conflict(u64),
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// One of Discord's hard limits (500 channels or 250 roles per guild).
+    #[error("maximum number of {what} reached ({max})")]
+    LimitReached { what: &'static str, max: usize },
     #[error("simulator is shutting down")]
     ShuttingDown,
 }
@@ -71,6 +74,7 @@ impl SimError {
             Self::NotConnected(_) => "not_connected",
             Self::Conflict(_) => "conflict",
             Self::BadRequest(_) => "bad_request",
+            Self::LimitReached { .. } => "limit_reached",
             Self::ShuttingDown => "shutting_down",
         }
     }
@@ -85,7 +89,10 @@ impl SimError {
             | Self::NotMember { .. } => 404,
             Self::MissingPermission { .. } => 403,
             Self::ChannelFull { .. } | Self::Conflict(_) => 409,
-            Self::NotVoice(_) | Self::NotConnected(_) | Self::BadRequest(_) => 400,
+            Self::NotVoice(_)
+            | Self::NotConnected(_)
+            | Self::BadRequest(_)
+            | Self::LimitReached { .. } => 400,
             Self::ShuttingDown => 503,
         }
     }

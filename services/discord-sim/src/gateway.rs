@@ -183,7 +183,8 @@ impl Connection {
                     let Some(cmd) = cmd else { return End::Drop };
                     match cmd {
                         ConnCmd::Frame(f) => {
-                            let latency = lock(&self.sim.faults).gateway_latency;
+                            let base = lock(&self.sim.faults).gateway_latency;
+                            let latency = self.sim.with_jitter(base);
                             if !latency.is_zero() {
                                 tokio::time::sleep(latency).await;
                             }

@@ -379,6 +379,13 @@ impl SimHandle {
         f.gateway_latency = gateway;
     }
 
+    /// Adds up to `jitter` of seeded random delay to every latency (REST and gateway), so
+    /// seeded runs see the same delays in the same order.
+    pub fn set_jitter(&self, jitter: Duration) {
+        self.fault(format!("jitter {jitter:?}"));
+        lock(&self.sim.faults).jitter = jitter;
+    }
+
     /// Clears every fault (acks on, connections accepted, no REST faults, no latency).
     pub fn clear_faults(&self) {
         self.fault("clear faults".into());

@@ -138,6 +138,10 @@ impl RateLimiter {
         }
         if self.buckets.len() >= MAX_BUCKETS {
             self.buckets.retain(|_, b| b.reset_at > now);
+            if self.buckets.len() >= MAX_BUCKETS {
+                // Still full of live buckets: start over rather than grow without bound.
+                self.buckets.clear();
+            }
         }
         let b = self
             .buckets

@@ -85,6 +85,13 @@ impl From<SimError> for ApiError {
             SimError::ChannelFull { .. } => Self::new(400, 0, "Channel is full"),
             SimError::Conflict(_) => Self::new(400, 0, "Already exists"),
             SimError::BadRequest(m) => Self::form("_body", "BASE_TYPE_INVALID", &m),
+            SimError::LimitReached {
+                what: "guild roles",
+                ..
+            } => Self::new(400, 30005, "Maximum number of guild roles reached (250)"),
+            SimError::LimitReached { .. } => {
+                Self::new(400, 30013, "Maximum number of guild channels reached (500)")
+            }
             SimError::ShuttingDown => Self::new(503, 0, "Service Unavailable"),
         }
     }
@@ -461,8 +468,9 @@ async fn serve(
         });
         (picked, f.rest_latency)
     };
-    if !fault.1.is_zero() {
-        tokio::time::sleep(fault.1).await;
+    let latency = sim.with_jitter(fault.1);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
     match fault.0 {
         Some(RestFaultKind::RateLimit { scope, retry_after }) => {

@@ -89,6 +89,8 @@ pub struct Faults {
     pub rest: VecDeque<RestFault>,
     pub rest_latency: Duration,
     pub gateway_latency: Duration,
+    /// Up to this much extra delay, drawn from the seeded RNG, on top of each latency.
+    pub jitter: Duration,
 }
 
 /// Most REST faults queued at once.
@@ -221,6 +223,17 @@ impl Sim {
 
     pub fn invalidate_session(&self, session_id: &str) {
         lock(&self.gateway).sessions.remove(session_id);
+    }
+
+    /// `base` plus a seeded random share of the configured jitter.
+    pub fn with_jitter(&self, base: Duration) -> Duration {
+        let jitter = lock(&self.faults).jitter;
+        if jitter.is_zero() {
+            return base;
+        }
+        use rand::Rng;
+        let extra = lock(&self.rng).random_range(0..=jitter.as_micros() as u64);
+        base + Duration::from_micros(extra)
     }
 
     pub fn random_hex(&self, len: usize) -> String {

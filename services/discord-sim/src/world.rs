@@ -162,6 +162,10 @@ pub enum Actor {
 
 pub type Outcome<T> = Result<(T, Vec<Dispatch>), SimError>;
 
+/// Discord's per-guild maxima (errors 30013 and 30005).
+pub const MAX_CHANNELS_PER_GUILD: usize = 500;
+pub const MAX_ROLES_PER_GUILD: usize = 250;
+
 /// Fixed ids of the default seeded world (the binary and tests rely on them).
 pub mod seed {
     pub const GUILD_ID: u64 = 200_000_000_000_000_001;
@@ -515,6 +519,12 @@ impl World {
 
     pub fn create_channel(&mut self, guild_id: u64, spec: ChannelSpec) -> Outcome<Channel> {
         let guild = self.guild(guild_id)?;
+        if guild.channels.len() >= MAX_CHANNELS_PER_GUILD {
+            return Err(SimError::LimitReached {
+                what: "guild channels",
+                max: MAX_CHANNELS_PER_GUILD,
+            });
+        }
         if spec.name.is_empty() || spec.name.chars().count() > 100 {
             return Err(SimError::BadRequest("name must be 1-100 characters".into()));
         }
@@ -644,7 +654,12 @@ impl World {
         hoist: bool,
         mentionable: bool,
     ) -> Outcome<Role> {
-        self.guild(guild_id)?;
+        if self.guild(guild_id)?.roles.len() >= MAX_ROLES_PER_GUILD {
+            return Err(SimError::LimitReached {
+                what: "guild roles",
+                max: MAX_ROLES_PER_GUILD,
+            });
+        }
         let id = self.id_or_next(None);
         // Discord puts a new role just above @everyone, below every existing role.
         for r in self.guild_mut(guild_id)?.roles.values_mut() {
@@ -1243,5 +1258,18 @@ mod tests {
         assert_eq!(names, ["VOICE_STATE_UPDATE", "CHANNEL_DELETE"]);
         assert!(events[0].d["channel_id"].is_null());
         assert!(w.voice_of(alice).is_none());
+    }
+
+    #[test]
+    fn a_guild_holds_at_most_250_roles_as_on_discord() {
+        let mut w = world();
+        while w.guild(seed::GUILD_ID).expect("g").roles.len() < MAX_ROLES_PER_GUILD {
+            w.create_role(seed::GUILD_ID, "r", 0, 0, false, false)
+                .expect("role");
+        }
+        let err = w
+            .create_role(seed::GUILD_ID, "one too many", 0, 0, false, false)
+            .unwrap_err();
+        assert_eq!(err.code(), "limit_reached");
     }
 }

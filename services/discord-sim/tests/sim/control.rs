@@ -272,3 +272,18 @@ async fn the_load_generator_emits_the_requested_number_of_voice_events_and_stops
     );
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn seeded_simulators_hand_out_the_same_ids_and_session_ids() {
+    let a = start_default().await;
+    let b = start_default().await;
+    assert_eq!(
+        a.create_user("x").expect("a"),
+        b.create_user("x").expect("b")
+    );
+    let (_, sa) = Gw::ready(&a).await;
+    let (_, sb) = Gw::ready(&b).await;
+    assert_eq!(sa, sb);
+    a.shutdown().await;
+    b.shutdown().await;
+}

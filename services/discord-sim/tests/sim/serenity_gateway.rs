@@ -302,3 +302,19 @@ async fn serenity_autosharded_start_reads_gateway_bot_and_connects() {
     bot.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn serenity_treats_missing_heartbeat_acks_as_a_zombie_connection_and_reconnects() {
+    let sim = start_default().await;
+    let mut bot = start_bot(&sim, &sim.config().bot_token.clone()).await;
+    bot.expect("READY", |s| matches!(s, Seen::Ready(_))).await;
+    sim.set_heartbeat_acks(false);
+    // serenity notices on its next heartbeat and starts over; as measured, it re-identifies
+    // rather than resuming.
+    bot.expect("a second READY", |s| matches!(s, Seen::Ready(_)))
+        .await;
+    sim.set_heartbeat_acks(true);
+    assert!(count(&sim, |k| matches!(k, SimEventKind::Identify { .. })) >= 2);
+    bot.stop().await;
+    sim.shutdown().await;
+}
