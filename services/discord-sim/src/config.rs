@@ -232,6 +232,21 @@ impl SimConfig {
                     c.heartbeat_interval = ms(&value).map_err(|_| bad(()))?
                 }
                 "REPLAY_BUFFER" => c.replay_buffer = value.parse().map_err(|_| bad(()))?,
+                "HEARTBEAT_TIMEOUT_FACTOR" => {
+                    c.heartbeat_timeout_factor = value.parse().map_err(|_| bad(()))?
+                }
+                "CONNECTION_QUEUE" => c.connection_queue = value.parse().map_err(|_| bad(()))?,
+                "GATEWAY_SEND_LIMIT" => {
+                    c.gateway_send_limit = value.parse().map_err(|_| bad(()))?
+                }
+                "IDENTIFY_WINDOW_MS" => c.identify_window = ms(&value).map_err(|_| bad(()))?,
+                "ALLOWED_PRIVILEGED_INTENTS" => {
+                    c.allowed_privileged_intents = value.parse().map_err(|_| bad(()))?
+                }
+                "BOT_USERNAME" => c.bot_username = value.clone(),
+                "RATE_LIMIT__INVALID_REQUEST_WINDOW_SECS" => {
+                    c.rate_limits.invalid_request_window = secs(&value).map_err(|_| bad(()))?
+                }
                 "MAX_CONNECTIONS" => c.max_connections = value.parse().map_err(|_| bad(()))?,
                 "MAX_CONCURRENCY" => c.max_concurrency = value.parse().map_err(|_| bad(()))?,
                 "SESSION_START_TOTAL" => {
@@ -306,5 +321,23 @@ mod tests {
         assert!(
             SimConfig::from_vars([("DISCORD_SIM__WORKERS".to_owned(), "x".to_owned())]).is_err()
         );
+    }
+
+    #[test]
+    fn every_variable_in_the_env_example_parses_to_the_defaults() {
+        let vars = include_str!("../.env.example")
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())));
+        let c = SimConfig::from_vars(vars).expect("the example is valid");
+        let d = SimConfig::default();
+        assert_eq!(c.heartbeat_interval, d.heartbeat_interval);
+        assert_eq!(c.bot_token, d.bot_token);
+        assert_eq!(c.rate_limits.route_window, d.rate_limits.route_window);
+        assert_eq!(
+            c.oauth.refresh_token_lifetime,
+            d.oauth.refresh_token_lifetime
+        );
+        assert_eq!(c.allowed_privileged_intents, d.allowed_privileged_intents);
     }
 }

@@ -396,7 +396,6 @@ fn too_many(scope: &str, retry_after: f64, headers: Option<&BucketHeaders>) -> H
         "message": "You are being rate limited.",
         "retry_after": (retry_after * 1000.0).round() / 1000.0,
         "global": global,
-        "code": if global { json!(0) } else { Value::Null },
     }))
 }
 
