@@ -243,7 +243,7 @@ async fn bad_control_input_gets_a_400_not_a_panic() {
 async fn the_load_generator_emits_the_requested_number_of_voice_events_and_stops() {
     let sim = start(SimConfig {
         heartbeat_interval: Duration::from_secs(5),
-        ..SimConfig::for_tests()
+        ..test_config()
     })
     .await;
     let (mut gw, _) = Gw::ready(&sim).await;

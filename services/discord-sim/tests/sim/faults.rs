@@ -108,14 +108,14 @@ async fn heartbeats_stop_being_acked_until_acks_are_turned_back_on() {
 #[tokio::test]
 async fn new_connections_are_refused_for_the_given_time() {
     let sim = start_default().await;
-    sim.refuse_connections_for(Duration::from_millis(300));
+    sim.refuse_connections_for(Duration::from_secs(1));
     let url = format!("{}/?v=10&encoding=json", sim.gateway_url());
     assert!(tokio_tungstenite::connect_async(&url).await.is_err());
     assert!(sim
         .events()
         .iter()
         .any(|e| matches!(e.kind, SimEventKind::Refused { .. })));
-    let ok = wait_until_async(Duration::from_secs(3), || {
+    let ok = wait_until_async(Duration::from_secs(5), || {
         let url = url.clone();
         async move { tokio_tungstenite::connect_async(&url).await.is_ok() }
     })

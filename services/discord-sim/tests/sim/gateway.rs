@@ -308,7 +308,7 @@ async fn a_connection_that_stops_heartbeating_is_closed_with_4009() {
 async fn identifies_beyond_max_concurrency_get_invalid_session_false() {
     let sim = start(SimConfig {
         max_concurrency: 1,
-        ..SimConfig::for_tests()
+        ..test_config()
     })
     .await;
     let (_first, _) = Gw::ready(&sim).await;
@@ -323,7 +323,7 @@ async fn identifies_beyond_max_concurrency_get_invalid_session_false() {
 async fn the_session_start_budget_is_reported_and_spent() {
     let sim = start(SimConfig {
         session_start_total: 2,
-        ..SimConfig::for_tests()
+        ..test_config()
     })
     .await;
     let url = format!("{}/gateway/bot", sim.api_url());
@@ -370,7 +370,7 @@ async fn a_frame_over_the_frame_limit_is_closed_with_4002_not_a_protocol_error()
 async fn more_than_the_gateway_send_limit_is_closed_with_4008() {
     let sim = start(SimConfig {
         gateway_send_limit: 3,
-        ..SimConfig::for_tests()
+        ..test_config()
     })
     .await;
     let (mut gw, _) = Gw::hello(sim.gateway_url()).await;
@@ -385,7 +385,7 @@ async fn more_than_the_gateway_send_limit_is_closed_with_4008() {
 async fn resuming_from_a_seq_older_than_the_replay_buffer_gets_invalid_session_false() {
     let sim = start(SimConfig {
         replay_buffer: 2,
-        ..SimConfig::for_tests()
+        ..test_config()
     })
     .await;
     let (mut gw, sid) = Gw::ready(&sim).await;

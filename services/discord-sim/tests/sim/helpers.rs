@@ -16,8 +16,19 @@ pub async fn start(config: SimConfig) -> SimHandle {
     Simulator::start(config).await.expect("simulator starts")
 }
 
+/// The test config with a generous heartbeat timeout: raw clients in these tests do not
+/// heartbeat, and a loaded CI machine must not turn that into a 4009 mid-test. Tests of the
+/// timeout itself set their own config.
 pub async fn start_default() -> SimHandle {
-    start(SimConfig::for_tests()).await
+    start(test_config()).await
+}
+
+/// `SimConfig::for_tests()` with a heartbeat timeout of 10 s (see `start_default`).
+pub fn test_config() -> SimConfig {
+    SimConfig {
+        heartbeat_timeout_factor: 20.0,
+        ..SimConfig::for_tests()
+    }
 }
 
 /// Polls `cond` until it holds or `within` passes; returns whether it held.

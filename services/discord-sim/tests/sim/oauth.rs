@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use discord_sim::{seed, SimConfig};
+use discord_sim::seed;
 use sha2::Digest;
 
 use crate::helpers::*;
@@ -70,7 +70,7 @@ async fn a_code_can_be_used_once() {
 
 #[tokio::test]
 async fn an_expired_code_is_an_invalid_grant() {
-    let mut c = SimConfig::for_tests();
+    let mut c = test_config();
     c.oauth.code_lifetime = Duration::from_millis(100);
     let sim = start(c).await;
     let code = authorize_code(&sim, ALICE, "").await;
@@ -127,9 +127,9 @@ async fn refresh_rotates_the_refresh_token_and_reuse_is_an_invalid_grant() {
 
 #[tokio::test]
 async fn access_and_refresh_tokens_expire_after_their_configured_lifetimes() {
-    let mut c = SimConfig::for_tests();
-    c.oauth.access_token_lifetime = Duration::from_millis(200);
-    c.oauth.refresh_token_lifetime = Duration::from_millis(400);
+    let mut c = test_config();
+    c.oauth.access_token_lifetime = Duration::from_secs(1);
+    c.oauth.refresh_token_lifetime = Duration::from_secs(2);
     let sim = start(c).await;
     let code = authorize_code(&sim, ALICE, "").await;
     let (_, t) = token_request(
@@ -143,7 +143,7 @@ async fn access_and_refresh_tokens_expire_after_their_configured_lifetimes() {
     .await;
     let access = t["access_token"].as_str().expect("a").to_owned();
     assert_eq!(me(&sim, &access, "/api/users/@me").await.0, 200);
-    tokio::time::sleep(Duration::from_millis(450)).await; // expiry is the behaviour under test
+    tokio::time::sleep(Duration::from_millis(2100)).await; // expiry is the behaviour under test
     assert_eq!(me(&sim, &access, "/api/users/@me").await.0, 401);
     let (status, body) = token_request(
         &sim,

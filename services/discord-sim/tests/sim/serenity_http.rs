@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use discord_sim::{seed, RestFault, RestFaultKind, SimConfig};
+use discord_sim::{seed, RestFault, RestFaultKind};
 use serenity::all::{
     AddMember, ChannelId, ChannelType, CreateChannel, EditRole, GuildId, Http, HttpBuilder,
     HttpError, PermissionOverwrite, PermissionOverwriteType, Permissions, RoleId, UserId,
@@ -162,7 +162,7 @@ async fn serenity_sees_discord_errors_for_unknown_channels_missing_permissions_a
 
 #[tokio::test]
 async fn serenity_gets_a_429_when_a_bucket_is_exhausted() {
-    let mut config = SimConfig::for_tests();
+    let mut config = test_config();
     config.rate_limits.route_limit = 1;
     config.rate_limits.route_window = Duration::from_secs(30);
     let sim = start(config).await;
