@@ -22,8 +22,15 @@ pub const ROOMS_ROOT: &str = "rooms";
 pub const LIVE_PREFIX: &str = "live";
 /// JetStream stream holding every room event.
 pub const ROOMS_STREAM: &str = "ROOMS";
-/// JetStream KV bucket of materialised rooms (room-manager writes, edge reads).
+/// JetStream KV bucket of materialised rooms (room-manager writes, edge reads). Key: the room id
+/// ([`room_key`]); value: a JSON [`crate::command::RoomView`] whose `seq` is the last applied
+/// event's stream sequence. room-manager keeps any other state in buckets of its own.
 pub const ROOMS_BUCKET: &str = "rooms";
+
+/// The key of a room's snapshot in [`ROOMS_BUCKET`]: its id in decimal.
+pub fn room_key(room: RoomId) -> String {
+    room.to_string()
+}
 /// Version token of the room-manager request subjects.
 pub const COMMAND_PREFIX: &str = "roommgr.v1";
 /// Longest service name allowed in `ops.alerts.<service>`.

@@ -130,3 +130,49 @@ pub fn extract_into(span: &tracing::Span, headers: Option<&async_nats::HeaderMap
         let _ = span.set_parent(context);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TraceContextExt;
+
+    #[test]
+    fn trace_context_crosses_nats_headers() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let publisher = tracing::info_span!("publish");
+            let mut headers = async_nats::HeaderMap::new();
+            let sent_trace = publisher.in_scope(|| {
+                inject(&mut headers);
+                tracing::Span::current()
+                    .context()
+                    .span()
+                    .span_context()
+                    .trace_id()
+            });
+            let traceparent = headers
+                .get("traceparent")
+                .expect("traceparent header")
+                .as_str();
+            assert!(
+                traceparent.contains(&sent_trace.to_string()),
+                "{traceparent}"
+            );
+
+            let consumer = tracing::info_span!("consume");
+            extract_into(&consumer, Some(&headers));
+            let received_trace = consumer.context().span().span_context().trace_id();
+            assert_eq!(received_trace, sent_trace);
+        });
+    }
+
+    #[test]
+    fn no_active_trace_means_no_header() {
+        let mut headers = async_nats::HeaderMap::new();
+        inject(&mut headers);
+        assert!(headers.get("traceparent").is_none());
+        assert!(current_traceparent().is_none());
+    }
+}
