@@ -81,6 +81,10 @@ pub struct SimConfig {
     pub bot_username: String,
     /// Guild-level permissions of the bot's managed role.
     pub bot_permissions: u64,
+    /// Check the bot's permissions per channel (after overwrites) as Discord does: a private
+    /// channel that does not grant the bot VIEW_CHANNEL is 50001 to it, moving members into a
+    /// channel needs CONNECT + MOVE_MEMBERS there. Off by default (the bot then always can).
+    pub strict_bot_permissions: bool,
     /// Interval announced in HELLO.
     pub heartbeat_interval: Duration,
     /// A connection with no heartbeat for `heartbeat_interval × this` is closed with 4009.
@@ -171,6 +175,7 @@ impl Default for SimConfig {
             bot_user_id: 100_000_000_000_000_001,
             bot_username: "voicerooms-bot".to_owned(),
             bot_permissions: perms::BOT_DEFAULT,
+            strict_bot_permissions: false,
             heartbeat_interval: Duration::from_millis(41_250),
             heartbeat_timeout_factor: 1.5,
             replay_buffer: 1024,
@@ -244,6 +249,9 @@ impl SimConfig {
                     c.allowed_privileged_intents = value.parse().map_err(|_| bad(()))?
                 }
                 "BOT_USERNAME" => c.bot_username = value.clone(),
+                "STRICT_BOT_PERMISSIONS" => {
+                    c.strict_bot_permissions = value.parse().map_err(|_| bad(()))?
+                }
                 "RATE_LIMIT__INVALID_REQUEST_WINDOW_SECS" => {
                     c.rate_limits.invalid_request_window = secs(&value).map_err(|_| bad(()))?
                 }

@@ -638,6 +638,26 @@ fn require(sim: &Sim, guild_id: u64, bits: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// With `strict_bot_permissions`, the bot needs `bits` on the channel itself (after
+/// overwrites), as on Discord: without VIEW_CHANNEL the channel is 50001 Missing Access, without
+/// the others 50013. Off by default: the bot is then not checked per channel.
+fn require_on_channel(sim: &Sim, channel_id: u64, bits: u64) -> Result<(), ApiError> {
+    if !sim.config.strict_bot_permissions {
+        return Ok(());
+    }
+    let world = lock(&sim.world);
+    let c = world.channel(channel_id)?;
+    let g = world.guild(c.guild_id)?;
+    let p = world.channel_permissions(g, c, world.bot_id);
+    if p & perms::VIEW_CHANNEL == 0 {
+        return Err(ApiError::missing_access());
+    }
+    if p & bits != bits {
+        return Err(ApiError::missing_permissions());
+    }
+    Ok(())
+}
+
 fn guild_of_channel(sim: &Sim, channel_id: u64) -> Result<u64, ApiError> {
     let world = lock(&sim.world);
     Ok(world.channel(channel_id)?.guild_id)
@@ -758,6 +778,7 @@ fn handle(sim: &Arc<Sim>, who: &Caller, auth: Option<&str>, body: &[u8], op: &Op
         Op::GetChannel(c) => {
             let g = guild_of_channel(sim, c)?;
             bot_perms(sim, g)?;
+            require_on_channel(sim, c, perms::VIEW_CHANNEL)?;
             let world = lock(&sim.world);
             Ok((200, Some(world::channel_json(world.channel(c)?))))
         }
@@ -804,12 +825,14 @@ fn handle(sim: &Arc<Sim>, who: &Caller, auth: Option<&str>, body: &[u8], op: &Op
             patch.bitrate = v.get("bitrate").and_then(Value::as_u64).map(|b| b as u32);
             patch.overwrites = overwrites(v.get("permission_overwrites"))?;
             require(sim, g, perms::MANAGE_CHANNELS)?;
+            require_on_channel(sim, c, perms::MANAGE_CHANNELS)?;
             let c = sim.mutate(|w| w.update_channel(c, patch))?;
             Ok((200, Some(world::channel_json(&c))))
         }
         Op::DeleteChannel(c) => {
             let g = guild_of_channel(sim, c)?;
             require(sim, g, perms::MANAGE_CHANNELS)?;
+            require_on_channel(sim, c, perms::MANAGE_CHANNELS)?;
             let c = sim.mutate(|w| w.delete_channel(c))?;
             Ok((200, Some(world::channel_json(&c))))
         }
@@ -1053,6 +1076,7 @@ fn patch_member(sim: &Arc<Sim>, g: u64, u: u64, body: &[u8]) -> ApiResult {
                     return Err(SimError::NotConnected(u).into());
                 }
             }
+            require_on_channel(sim, target, perms::CONNECT | perms::MOVE_MEMBERS)?;
             sim.mutate(|w| w.voice_join(g, u, target, Actor::Moderator))?;
         }
     }

@@ -334,3 +334,67 @@ async fn unknown_routes_and_methods_get_404_and_405() {
     assert_eq!((status, body["code"].clone()), (404, json!(10004)));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_strict_bot_permissions_a_private_channel_must_grant_the_bot_access() {
+    let sim = start(discord_sim::SimConfig {
+        strict_bot_permissions: true,
+        ..test_config()
+    })
+    .await;
+    let g = seed::GUILD_ID;
+    let hide = ((1u64 << 10) | (1u64 << 20)).to_string();
+    let create = |extra: Vec<serde_json::Value>| {
+        let mut ow = vec![json!({"id": g.to_string(), "type": 0, "allow": "0", "deny": hide})];
+        ow.extend(extra);
+        json!({"name": "private", "type": 2, "permission_overwrites": ow})
+    };
+    let (_, _, locked) = api(
+        &sim,
+        Method::POST,
+        &format!("/guilds/{g}/channels"),
+        Some(create(vec![])),
+    )
+    .await;
+    let locked = locked["id"].as_str().expect("id").to_owned();
+    let (status, _, body) = api(&sim, Method::GET, &format!("/channels/{locked}"), None).await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (403, json!(50001)),
+        "the bot locked itself out"
+    );
+    let bob = seed::USERS[1].0;
+    sim.connect_voice(bob, seed::LOBBY_CHANNEL_ID)
+        .expect("join");
+    let (status, _, body) = api(
+        &sim,
+        Method::PATCH,
+        &format!("/guilds/{g}/members/{bob}"),
+        Some(json!({"channel_id": locked})),
+    )
+    .await;
+    assert_eq!((status, body["code"].clone()), (403, json!(50001)));
+
+    let bot = sim.config().bot_user_id.to_string();
+    let grant = json!({"id": bot, "type": 1, "allow": hide, "deny": "0"});
+    let (_, _, open) = api(
+        &sim,
+        Method::POST,
+        &format!("/guilds/{g}/channels"),
+        Some(create(vec![grant])),
+    )
+    .await;
+    let open = open["id"].as_str().expect("id").to_owned();
+    let (status, _, _) = api(
+        &sim,
+        Method::PATCH,
+        &format!("/guilds/{g}/members/{bob}"),
+        Some(json!({"channel_id": open})),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "a member overwrite for the bot lets it move people in"
+    );
+    sim.shutdown().await;
+}
