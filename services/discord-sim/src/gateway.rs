@@ -155,6 +155,15 @@ struct Connection {
 }
 
 impl Connection {
+    /// Whether this connection currently carries a session. After op 7 / op 9 the session is
+    /// detached, so the client may IDENTIFY or RESUME again on the same socket.
+    fn attached(&self) -> bool {
+        lock(&self.sim.gateway)
+            .conns
+            .get(&self.conn)
+            .is_some_and(|h| h.session.is_some())
+    }
+
     async fn send(&mut self, v: &Value) -> bool {
         self.ws.text(v.to_string()).await.is_ok()
     }
@@ -278,7 +287,7 @@ impl Connection {
             2 => self.identify(&d).await.map(|_| false),
             6 => self.resume(&d).await.map(|_| false),
             3 | 4 | 8 | 31 => {
-                if self.session.is_none() {
+                if !self.attached() {
                     return Err(End::Close(close::NOT_AUTHENTICATED));
                 }
                 Ok(false)
@@ -314,7 +323,7 @@ impl Connection {
     }
 
     async fn identify(&mut self, d: &Value) -> Result<(), End> {
-        if self.session.is_some() {
+        if self.attached() {
             return Err(End::Close(close::ALREADY_AUTHENTICATED));
         }
         if !d.is_object() {
@@ -456,7 +465,7 @@ impl Connection {
     }
 
     async fn resume(&mut self, d: &Value) -> Result<(), End> {
-        if self.session.is_some() {
+        if self.attached() {
             return Err(End::Close(close::ALREADY_AUTHENTICATED));
         }
         if !d.is_object() {

@@ -242,3 +242,17 @@ async fn every_rest_call_and_gateway_step_is_in_the_event_log() {
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn after_invalid_session_false_the_client_may_identify_again_on_the_same_socket() {
+    let sim = start_default().await;
+    let (mut gw, first) = Gw::ready(&sim).await;
+    gw.dispatch("GUILD_CREATE").await;
+    sim.invalidate_sessions(false, None);
+    assert_eq!(gw.recv().await.expect("op 9")["d"], false);
+    gw.identify(&sim.config().bot_token, INTENTS).await;
+    let ready = gw.dispatch("READY").await;
+    assert_ne!(ready["d"]["session_id"], first.as_str());
+    assert_eq!(ready["s"], 1, "a new session starts its sequence at 1");
+    sim.shutdown().await;
+}
