@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::SimConfig;
@@ -152,6 +151,8 @@ impl Sim {
                     continue;
                 }
             }
+            // Serialize the payload once per event; only the sequence number differs per session.
+            let d = ev.d.to_string();
             for s in sessions.values_mut() {
                 if only.is_some_and(|o| o != s.id) {
                     continue;
@@ -165,9 +166,8 @@ impl Sim {
                     }
                 }
                 s.seq += 1;
-                let frame: Arc<str> = json!({"op": 0, "s": s.seq, "t": ev.t, "d": ev.d})
-                    .to_string()
-                    .into();
+                let frame: Arc<str> =
+                    format!(r#"{{"op":0,"s":{},"t":"{}","d":{}}}"#, s.seq, ev.t, d).into();
                 if s.buffer.len() >= self.config.replay_buffer.max(1) {
                     s.buffer.pop_front();
                 }

@@ -248,6 +248,7 @@ async fn the_load_generator_emits_the_requested_number_of_voice_events_and_stops
     .await;
     let (mut gw, _) = Gw::ready(&sim).await;
     gw.dispatch("GUILD_CREATE").await;
+    let started = std::time::Instant::now();
     let (s, _) = post(
         &sim,
         "/load",
@@ -260,6 +261,10 @@ async fn the_load_generator_emits_the_requested_number_of_voice_events_and_stops
         gw.dispatch("VOICE_STATE_UPDATE").await;
         got += 1;
     }
+    assert!(
+        started.elapsed() >= Duration::from_millis(240),
+        "50 events at 200/s take about 250 ms, not less"
+    );
     assert!(wait_until(Duration::from_secs(5), || !sim.load_running()).await);
     assert!(sim.events().iter().any(
         |e| matches!(&e.kind, SimEventKind::Control { op } if op == "load finished after 50 events")
