@@ -67,9 +67,9 @@ pub struct Bot {
 }
 
 impl Bot {
-    /// Next event matching `pred` within 10 s.
+    /// Next event matching `pred` within 20 s (serenity waits 5 s between shard boots).
     pub async fn expect(&mut self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(s)) if pred(&s) => return s,
