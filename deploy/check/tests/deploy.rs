@@ -65,7 +65,11 @@ fn env_example_documents_every_setting_and_only_real_ones() {
         unknown.is_empty(),
         ".env.example documents settings no code reads: {unknown:?}"
     );
-    for secret in ["VOICEROOMS__DISCORD__TOKEN", "VOICEROOMS__NATS__TOKEN"] {
+    for secret in [
+        "VOICEROOMS__DISCORD__TOKEN",
+        "VOICEROOMS__NATS__TOKEN",
+        "VOICEROOMS__SESSION__KEY",
+    ] {
         assert_eq!(
             documented.get(secret),
             Some(&false),

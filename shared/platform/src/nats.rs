@@ -17,13 +17,34 @@ use voicerooms_contract::subject;
 
 use crate::settings::NatsSettings;
 
-/// Connection metrics, registered under `nats_*`.
-#[derive(Clone, Default)]
+/// Connection events services react to (e.g. the edge re-reads the stream after a gap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    Connected,
+    Disconnected,
+    /// A subscription overflowed its buffer: messages were dropped.
+    SlowConsumer,
+}
+
+/// Connection metrics, registered under `nats_*`, and a broadcast of connection events.
+#[derive(Clone)]
 pub struct NatsMetrics {
     /// 1 while connected.
     pub connected: Gauge,
     /// Connection events by kind (connected, disconnected, slow_consumer, ...).
     pub events: Family<Vec<(String, String)>, Counter>,
+    /// Subscribe with `notifier.subscribe()`; lagging receivers only lose old notifications.
+    pub notifier: tokio::sync::broadcast::Sender<ConnectionEvent>,
+}
+
+impl Default for NatsMetrics {
+    fn default() -> Self {
+        Self {
+            connected: Gauge::default(),
+            events: Family::default(),
+            notifier: tokio::sync::broadcast::channel(64).0,
+        }
+    }
 }
 
 impl NatsMetrics {
@@ -75,11 +96,13 @@ fn on_event(metrics: &NatsMetrics, event: async_nats::Event) {
     let kind = match &event {
         async_nats::Event::Connected => {
             metrics.connected.set(1);
+            let _ = metrics.notifier.send(ConnectionEvent::Connected);
             tracing::info!(event = "connected", "nats connected");
             "connected"
         }
         async_nats::Event::Disconnected => {
             metrics.connected.set(0);
+            let _ = metrics.notifier.send(ConnectionEvent::Disconnected);
             tracing::warn!(event = "disconnected", "nats disconnected; reconnecting");
             "disconnected"
         }
@@ -88,6 +111,7 @@ fn on_event(metrics: &NatsMetrics, event: async_nats::Event) {
             "lame_duck"
         }
         async_nats::Event::SlowConsumer(sid) => {
+            let _ = metrics.notifier.send(ConnectionEvent::SlowConsumer);
             tracing::warn!(
                 event = "slow_consumer",
                 sid,
@@ -198,4 +222,33 @@ pub async fn ensure_kv(
     js.get_key_value(bucket)
         .await
         .with_context(|| format!("opening KV bucket {bucket}"))
+}
+
+/// A KV bucket opened (and created if missing) on first use, so a service can start while NATS
+/// is still unreachable. Failed attempts are retried on the next use.
+pub struct LazyBucket {
+    js: jetstream::Context,
+    name: String,
+    history: i64,
+    replicas: usize,
+    cell: tokio::sync::OnceCell<kv::Store>,
+}
+
+impl LazyBucket {
+    pub fn new(js: jetstream::Context, name: &str, history: i64, replicas: usize) -> Self {
+        Self {
+            js,
+            name: name.to_owned(),
+            history,
+            replicas,
+            cell: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The bucket, opening or creating it if this is the first successful use.
+    pub async fn get(&self) -> anyhow::Result<&kv::Store> {
+        self.cell
+            .get_or_try_init(|| ensure_kv(&self.js, &self.name, self.history, self.replicas))
+            .await
+    }
 }

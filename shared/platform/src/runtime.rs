@@ -33,6 +33,7 @@ pub struct ServiceBuilder {
     common: CommonSettings,
     registry: Registry,
     nats: async_nats::Client,
+    nats_events: tokio::sync::broadcast::Sender<nats::ConnectionEvent>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -53,6 +54,7 @@ impl ServiceBuilder {
         let nats_metrics = NatsMetrics::default();
         nats_metrics.register(&mut registry);
         let client_name = format!("{service}/{instance}");
+        let nats_events = nats_metrics.notifier.clone();
         let nats = nats::connect(&common.nats, &client_name, nats_metrics).await?;
         tracing::info!(service, instance = %instance, nats = %common.nats.url, "starting");
         Ok(Self {
@@ -61,6 +63,7 @@ impl ServiceBuilder {
             common: common.clone(),
             registry,
             nats,
+            nats_events,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
@@ -74,6 +77,14 @@ impl ServiceBuilder {
     }
     pub fn nats(&self) -> &async_nats::Client {
         &self.nats
+    }
+    /// Connection events of the service's NATS client (connected, disconnected, slow consumer).
+    pub fn nats_events(&self) -> tokio::sync::broadcast::Receiver<nats::ConnectionEvent> {
+        self.nats_events.subscribe()
+    }
+    /// The sender behind [`ServiceBuilder::nats_events`], for components that subscribe later.
+    pub fn nats_events_sender(&self) -> tokio::sync::broadcast::Sender<nats::ConnectionEvent> {
+        self.nats_events.clone()
     }
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry

@@ -1,0 +1,118 @@
+//! The edge's Prometheus metrics (all prefixed `voicerooms_edge_`).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Shared handles; cloning shares the same series.
+#[derive(Clone)]
+pub struct EdgeMetrics {
+    pub connections: Gauge,
+    pub subscriptions: Gauge,
+    pub rooms: Gauge,
+    pub events_in: Counter,
+    pub messages_out: Counter,
+    pub replayed: Counter,
+    pub repairs: Counter,
+    pub bad_events: Counter,
+    pub bad_frames: Counter,
+    pub slow_consumer_closes: Counter,
+    pub auth_failures: Counter,
+    pub rejected_connections: Counter,
+    /// Seconds from the event's `received_at` (gateway receive time) to its fan-out here.
+    pub event_latency: Histogram,
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Gauge::default(),
+            subscriptions: Gauge::default(),
+            rooms: Gauge::default(),
+            events_in: Counter::default(),
+            messages_out: Counter::default(),
+            replayed: Counter::default(),
+            repairs: Counter::default(),
+            bad_events: Counter::default(),
+            bad_frames: Counter::default(),
+            slow_consumer_closes: Counter::default(),
+            auth_failures: Counter::default(),
+            rejected_connections: Counter::default(),
+            event_latency: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 1.0, 5.0,
+            ]),
+        }
+    }
+}
+
+impl EdgeMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("edge");
+        r.register(
+            "connections",
+            "Open WebSocket connections",
+            self.connections.clone(),
+        );
+        r.register(
+            "subscriptions",
+            "Room subscriptions across connections",
+            self.subscriptions.clone(),
+        );
+        r.register(
+            "rooms",
+            "Rooms with a live NATS interest on this edge",
+            self.rooms.clone(),
+        );
+        r.register(
+            "events_in",
+            "Room events received live",
+            self.events_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "Event frames queued to connections",
+            self.messages_out.clone(),
+        );
+        r.register(
+            "replayed",
+            "Events replayed from the stream to (re)subscribing clients",
+            self.replayed.clone(),
+        );
+        r.register(
+            "repairs",
+            "Live-feed repairs from the stream (reconnects, gaps)",
+            self.repairs.clone(),
+        );
+        r.register(
+            "bad_events",
+            "Undecodable events skipped",
+            self.bad_events.clone(),
+        );
+        r.register(
+            "bad_frames",
+            "Rejected client frames",
+            self.bad_frames.clone(),
+        );
+        r.register(
+            "slow_consumer_closes",
+            "Connections closed with 1008 for a full queue",
+            self.slow_consumer_closes.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed WebSocket authentications",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "rejected_connections",
+            "Connections refused by a limit",
+            self.rejected_connections.clone(),
+        );
+        r.register(
+            "event_latency_seconds",
+            "From gateway receive time to fan-out on this edge",
+            self.event_latency.clone(),
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! The browser WebSocket protocol, version 1 (docs/WEBSOCKET.md).
+//!
+//! It keeps the original envelope — `{"v":1, "type", "event"?, "payload"?, "error"?, "ts"}` — and
+//! adds per-room subscriptions, a per-room sequence on every event and resume-from-sequence.
+//!
+//! Client → server: `auth {session}`, `subscribe {room, since?}`, `unsubscribe {room}`, `ping`.
+//! Server → client: `ack` (`auth.ok`, `subscribed`, `unsubscribed`, `pong`), `event`, `error`.
+
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+use voicerooms_contract::command::RoomView;
+use voicerooms_contract::{ErrorCode, Millis, RoomEvent, RoomId, UserRef};
+
+pub const VERSION: u16 = 1;
+
+/// Close codes the server uses; clients act on them (docs/WEBSOCKET.md).
+pub mod close {
+    /// Normal closure (client asked, or unsubscribe-all then close).
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down: reconnect (to any instance) with `since`.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The outgoing queue passed its limit: the client was too slow. Reconnect with `since`.
+    pub const SLOW_CONSUMER: u16 = 1008;
+    /// A frame larger than the limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// Not authenticated within the deadline, or authentication failed.
+    pub const UNAUTHENTICATED: u16 = 4001;
+    /// The session expired and could not be refreshed: log in again.
+    pub const SESSION_EXPIRED: u16 = 4003;
+    /// Too many connections (per user or per instance).
+    pub const CONNECTION_LIMIT: u16 = 4008;
+    /// The client stopped answering pings.
+    pub const IDLE: u16 = 4009;
+}
+
+/// Why a client frame was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is not valid JSON: {0}")]
+    Malformed(String),
+    #[error("unsupported protocol version {0}; this server speaks 1")]
+    Version(u64),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("invalid payload: {0}")]
+    Payload(String),
+}
+
+/// A message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Auth { session: String },
+    Subscribe { room: RoomId, since: Option<u64> },
+    Unsubscribe { room: RoomId },
+    Ping,
+}
+
+#[derive(Deserialize)]
+struct RawClientFrame {
+    v: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthPayload {
+    session: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribePayload {
+    room: RoomId,
+    #[serde(default)]
+    since: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomPayload {
+    room: RoomId,
+}
+
+fn payload<T: serde::de::DeserializeOwned>(p: Option<serde_json::Value>) -> Result<T, FrameError> {
+    let value = p.ok_or_else(|| FrameError::Payload("missing payload".into()))?;
+    serde_json::from_value(value).map_err(|e| FrameError::Payload(truncate(e.to_string())))
+}
+
+fn truncate(mut s: String) -> String {
+    s.truncate(200);
+    s
+}
+
+impl ClientMessage {
+    pub fn parse(text: &str) -> Result<Self, FrameError> {
+        let raw: RawClientFrame = serde_json::from_str(text)
+            .map_err(|e| FrameError::Malformed(truncate(e.to_string())))?;
+        match raw.v {
+            Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(VERSION)) => {}
+            Some(serde_json::Value::Number(n)) => {
+                return Err(FrameError::Version(n.as_u64().unwrap_or(u64::MAX)))
+            }
+            _ => return Err(FrameError::Payload("`v` must be 1".into())),
+        }
+        match raw.kind.as_str() {
+            "auth" => {
+                let p: AuthPayload = payload(raw.payload)?;
+                if p.session.is_empty() || p.session.len() > 512 {
+                    return Err(FrameError::Payload("session must be 1-512 bytes".into()));
+                }
+                Ok(ClientMessage::Auth { session: p.session })
+            }
+            "subscribe" => {
+                let p: SubscribePayload = payload(raw.payload)?;
+                Ok(ClientMessage::Subscribe {
+                    room: p.room,
+                    since: p.since,
+                })
+            }
+            "unsubscribe" => {
+                let p: RoomPayload = payload(raw.payload)?;
+                Ok(ClientMessage::Unsubscribe { room: p.room })
+            }
+            "ping" => Ok(ClientMessage::Ping),
+            other => Err(FrameError::UnknownType(other.chars().take(32).collect())),
+        }
+    }
+}
+
+/// An error as the client sees it: a stable code and a message.
+#[derive(Debug, Clone, Serialize)]
+pub struct WireError<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+#[derive(Serialize)]
+struct AckFrame<'a, P: Serialize> {
+    v: u16,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<RoomId>,
+    payload: P,
+    ts: Millis,
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    v: u16,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<RoomId>,
+    error: WireError<'a>,
+    ts: Millis,
+}
+
+/// An event as the client sees it. Serialised once per event, shared by every recipient.
+#[derive(Serialize)]
+struct EventFrame<'a> {
+    v: u16,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    event: &'static str,
+    room: RoomId,
+    guild: voicerooms_contract::GuildId,
+    seq: u64,
+    payload: &'a serde_json::Value,
+    /// When our gateway (or room-manager) saw it; `ts - received_at` is our latency.
+    received_at: Millis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    occurred_at: Option<Millis>,
+    ts: Millis,
+}
+
+fn to_frame<T: Serialize>(value: &T) -> ByteString {
+    ByteString::from(serde_json::to_string(value).unwrap_or_else(|e| {
+        format!(r#"{{"v":1,"type":"error","error":{{"code":"internal","message":"encode: {e}"}}}}"#)
+    }))
+}
+
+/// `ack` frame.
+pub fn ack<P: Serialize>(event: &str, room: Option<RoomId>, payload: P) -> ByteString {
+    to_frame(&AckFrame {
+        v: VERSION,
+        kind: "ack",
+        event,
+        room,
+        payload,
+        ts: voicerooms_contract::now_ms(),
+    })
+}
+
+/// `error` frame with a stable code.
+pub fn error(code: ErrorCode, message: &str, room: Option<RoomId>) -> ByteString {
+    error_code(code.as_str(), message, room)
+}
+
+/// `error` frame with a protocol-level code (e.g. `invalid_frame`, `session_expired`).
+pub fn error_code(code: &str, message: &str, room: Option<RoomId>) -> ByteString {
+    to_frame(&ErrorFrame {
+        v: VERSION,
+        kind: "error",
+        room,
+        error: WireError { code, message },
+        ts: voicerooms_contract::now_ms(),
+    })
+}
+
+/// `event` frame for a room event with its sequence.
+pub fn event(event: &RoomEvent, seq: u64, data: &serde_json::Value) -> ByteString {
+    to_frame(&EventFrame {
+        v: VERSION,
+        kind: "event",
+        event: event.kind().as_str(),
+        room: event.room,
+        guild: event.guild,
+        seq,
+        payload: data,
+        received_at: event.received_at,
+        occurred_at: event.occurred_at,
+        ts: voicerooms_contract::now_ms(),
+    })
+}
+
+/// The `data` object of an event, as JSON (the frame's payload).
+pub fn event_data(event: &RoomEvent) -> serde_json::Value {
+    serde_json::to_value(&event.event)
+        .ok()
+        .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Payload of `ack auth.ok`.
+#[derive(Serialize)]
+pub struct AuthOk<'a> {
+    pub user: &'a UserRef,
+    pub session_expires_at: Millis,
+}
+
+/// Payload of `ack subscribed`.
+#[derive(Serialize)]
+pub struct Subscribed<'a> {
+    /// True when every event after `since` follows; false when the client must replace its state
+    /// with `snapshot` (its `since` was too old, or it gave none).
+    pub recovered: bool,
+    /// The room's state at `seq`, sent when not recovering from `since`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<&'a RoomView>,
+    /// Events after this sequence follow, in order.
+    pub seq: u64,
+    /// How many events are being replayed right after this ack.
+    pub replayed: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_parse() {
+        assert_eq!(
+            ClientMessage::parse(r#"{"v":1,"type":"subscribe","payload":{"room":"42","since":7}}"#),
+            Ok(ClientMessage::Subscribe {
+                room: RoomId::new(42).unwrap(),
+                since: Some(7)
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"v":1,"type":"auth","payload":{"session":"abc"}}"#),
+            Ok(ClientMessage::Auth {
+                session: "abc".into()
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"v":1,"type":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        );
+    }
+
+    #[test]
+    fn bad_client_frames_give_typed_errors() {
+        assert!(matches!(
+            ClientMessage::parse("{"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"v":2,"type":"ping"}"#),
+            Err(FrameError::Version(2))
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"type":"ping"}"#),
+            Err(FrameError::Payload(_))
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"v":1,"type":"explode"}"#),
+            Err(FrameError::UnknownType(_))
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"v":1,"type":"subscribe","payload":{"room":"1.>"}}"#),
+            Err(FrameError::Payload(_))
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"v":1,"type":"subscribe","payload":{"room":"1","since":-1}}"#),
+            Err(FrameError::Payload(_))
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"v":1,"type":"subscribe"}"#),
+            Err(FrameError::Payload(_))
+        ));
+    }
+}
