@@ -195,6 +195,27 @@ pub struct RoomList {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Done {}
 
+/// A player's Discord access token as kept in the `oauth_tokens` bucket.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserToken {
+    pub v: u16,
+    pub access_token: String,
+    /// Milliseconds since the epoch at which Discord stops accepting it.
+    pub expires_at: Millis,
+    /// Granted scopes, space separated (must include `guilds.join` for adding to a guild).
+    pub scope: String,
+}
+
+impl fmt::Debug for UserToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserToken")
+            .field("access_token", &"[redacted]")
+            .field("expires_at", &self.expires_at)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
 /// Stable machine codes for every error that crosses a wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -27,6 +27,17 @@ pub const ROOMS_STREAM: &str = "ROOMS";
 /// event's stream sequence. room-manager keeps any other state in buckets of its own.
 pub const ROOMS_BUCKET: &str = "rooms";
 
+/// JetStream KV bucket of players' Discord OAuth2 access tokens (secret): written by the edge at
+/// login and refresh, read by room-manager to add a player to the guild (`guilds.join`). Key: the
+/// user id ([`user_token_key`]); value: a JSON [`crate::command::UserToken`]. Tokens never travel
+/// in request payloads, so tailing `roommgr.v1.>` shows none.
+pub const OAUTH_TOKENS_BUCKET: &str = "oauth_tokens";
+
+/// The key of a user's token in [`OAUTH_TOKENS_BUCKET`].
+pub fn user_token_key(user: crate::ids::UserId) -> String {
+    user.to_string()
+}
+
 /// The key of a room's snapshot in [`ROOMS_BUCKET`]: its id in decimal.
 pub fn room_key(room: RoomId) -> String {
     room.to_string()
