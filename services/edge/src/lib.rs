@@ -11,8 +11,14 @@
 //!   stream, serialise-once fan-out, gap repair.
 //! - [`outbox`]: a connection's byte-bounded outgoing queue.
 //! - [`session`]: signed session cookies; session data in the KV bucket `sessions`.
+//! - [`auth`]: Discord OAuth2 login (code + PKCE), logout, session lookup with silent refresh.
+//! - [`api`]: the room HTTP API, forwarded to room-manager over NATS; `/api/openapi.json`.
+//! - [`http`]: typed JSON errors, the cross-site request check, safe return paths.
 //! - [`metrics`]: the Prometheus series (`voicerooms_edge_*`).
 
+pub mod api;
+pub mod auth;
+pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
@@ -103,12 +109,87 @@ impl Default for SessionSettings {
     }
 }
 
+/// Discord OAuth2 (login).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OAuthSettings {
+    /// The application's client id (Discord developer portal → OAuth2).
+    pub client_id: String,
+    /// The application's client secret (secret).
+    pub client_secret: Option<Secret>,
+    pub authorize_url: String,
+    pub token_url: String,
+    pub revoke_url: String,
+    /// REST base for `GET /users/@me`.
+    pub api_base: String,
+    /// Where Discord sends the player back: this edge's `/auth/callback`, as registered.
+    pub redirect_url: String,
+    /// Scopes requested, space separated (`guilds.join` lets room-manager add players).
+    pub scopes: String,
+    /// Timeout of calls to Discord's token and user endpoints.
+    pub timeout_ms: u64,
+}
+
+impl Default for OAuthSettings {
+    fn default() -> Self {
+        Self {
+            client_id: String::new(),
+            client_secret: None,
+            authorize_url: "https://discord.com/oauth2/authorize".into(),
+            token_url: "https://discord.com/api/oauth2/token".into(),
+            revoke_url: "https://discord.com/api/oauth2/token/revoke".into(),
+            api_base: "https://discord.com/api/v10".into(),
+            redirect_url: "http://127.0.0.1:8080/auth/callback".into(),
+            scopes: "identify guilds.join".into(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Origins allowed to make state-changing requests, comma separated (the page's own origin
+    /// is always allowed), e.g. `https://rooms.example.com`.
+    pub allowed_origins: String,
+    /// Guild rooms are created in when the request names none.
+    pub default_guild: Option<voicerooms_contract::GuildId>,
+    /// How long to wait for room-manager.
+    pub request_timeout_ms: u64,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: String::new(),
+            default_guild: None,
+            request_timeout_ms: 5_000,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl ApiSettings {
+    pub fn origins(&self) -> Vec<String> {
+        self.allowed_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect()
+    }
+}
+
 /// The sections this service reads besides the common ones.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EdgeSettings {
     pub websocket: WebSocketSettings,
     pub session: SessionSettings,
+    pub oauth: OAuthSettings,
+    pub edge: ApiSettings,
 }
 
 impl CheckSettings for EdgeSettings {
@@ -166,6 +247,37 @@ impl CheckSettings for EdgeSettings {
             }
         }
         positive("session.ttl_secs", session.ttl_secs)?;
+        let oauth = &self.oauth;
+        for (key, url) in [
+            ("oauth.authorize_url", &oauth.authorize_url),
+            ("oauth.token_url", &oauth.token_url),
+            ("oauth.revoke_url", &oauth.revoke_url),
+            ("oauth.api_base", &oauth.api_base),
+            ("oauth.redirect_url", &oauth.redirect_url),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(SettingsError::invalid(
+                    key,
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        positive("oauth.timeout_ms", oauth.timeout_ms)?;
+        for origin in self.edge.origins() {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(SettingsError::invalid(
+                    "edge.allowed_origins",
+                    format!("{origin:?} must be an http(s) origin"),
+                ));
+            }
+        }
+        positive("edge.request_timeout_ms", self.edge.request_timeout_ms)?;
+        if !(256..=1024 * 1024).contains(&self.edge.max_body_bytes) {
+            return Err(SettingsError::invalid(
+                "edge.max_body_bytes",
+                "must be 256-1048576",
+            ));
+        }
         Ok(())
     }
 }
@@ -213,12 +325,41 @@ impl Application {
             1,
             replicas,
         ));
-        let sessions_kv = Arc::new(LazyBucket::new(js, session::SESSIONS_BUCKET, 1, replicas));
+        let sessions_kv = Arc::new(LazyBucket::new(
+            js.clone(),
+            session::SESSIONS_BUCKET,
+            1,
+            replicas,
+        ));
+        let tokens_kv = Arc::new(LazyBucket::new(
+            js,
+            voicerooms_contract::subject::OAUTH_TOKENS_BUCKET,
+            1,
+            replicas,
+        ));
+        let key = session_key(&settings.service.session);
         let sessions = session::SessionStore::new(
             sessions_kv,
-            session_key(&settings.service.session),
+            key.clone(),
             settings.service.session.cookie_name.clone(),
         );
+        let origins = settings.service.edge.origins();
+        let auth = web::Data::new(auth::Auth::new(
+            settings.service.oauth.clone(),
+            sessions.clone(),
+            tokens_kv,
+            key,
+            settings.service.session.cookie_secure,
+            settings.service.session.ttl_secs * 1000,
+            origins.clone(),
+        )?);
+        let api = web::Data::new(api::Api {
+            nats: builder.nats().clone(),
+            timeout: std::time::Duration::from_millis(settings.service.edge.request_timeout_ms),
+            default_guild: settings.service.edge.default_guild,
+            allowed_origins: origins,
+        });
+        let json = api::json_config(settings.service.edge.max_body_bytes);
         let hub = hub::Hub::new(
             builder.nats().clone(),
             rooms_kv,
@@ -236,7 +377,20 @@ impl Application {
         ));
         let service = builder.start(vec![stream_check], move |cfg| {
             cfg.app_data(ws_state.clone())
-                .route("/ws", web::get().to(ws::upgrade));
+                .app_data(auth.clone())
+                .app_data(api.clone())
+                .app_data(json.clone())
+                .route("/ws", web::get().to(ws::upgrade))
+                .route("/auth/login", web::get().to(auth::login))
+                .route("/auth/callback", web::get().to(auth::callback))
+                .route("/auth/logout", web::post().to(auth::logout))
+                .route("/api/me", web::get().to(auth::me))
+                .route("/api/openapi.json", web::get().to(api::openapi))
+                .route("/api/rooms", web::get().to(api::list))
+                .route("/api/rooms", web::post().to(api::create))
+                .route("/api/rooms/join", web::post().to(api::join))
+                .route("/api/rooms/{room}", web::get().to(api::get))
+                .route("/api/rooms/{room}/{action}", web::post().to(api::action));
         })?;
         Ok(Self {
             service,

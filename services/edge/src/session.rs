@@ -25,6 +25,9 @@ pub struct StoredSession {
     pub refresh_token: String,
     /// When the access token expires (refresh before using it after this).
     pub access_expires_at: Millis,
+    /// Scopes Discord granted, space separated.
+    #[serde(default)]
+    pub scope: String,
     pub created_at: Millis,
     /// When the session itself ends (absolute).
     pub expires_at: Millis,

@@ -235,6 +235,8 @@ pub enum ErrorCode {
     DiscordUnavailable,
     RateLimited,
     Timeout,
+    /// A service the request needs is not reachable (e.g. no room-manager answered).
+    Unavailable,
     Internal,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
@@ -259,6 +261,7 @@ impl ErrorCode {
             ErrorCode::DiscordUnavailable => "discord_unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -278,7 +281,7 @@ impl ErrorCode {
             ErrorCode::InviteInvalid | ErrorCode::InviteWrongRoom => 400,
             ErrorCode::InviteExpired => 410,
             ErrorCode::RateLimited => 429,
-            ErrorCode::DiscordUnavailable => 503,
+            ErrorCode::DiscordUnavailable | ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
         }
@@ -289,6 +292,7 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::DiscordUnavailable
+                | ErrorCode::Unavailable
                 | ErrorCode::RateLimited
                 | ErrorCode::Timeout
                 | ErrorCode::Conflict
@@ -517,6 +521,7 @@ mod tests {
             ErrorCode::DiscordUnavailable,
             ErrorCode::RateLimited,
             ErrorCode::Timeout,
+            ErrorCode::Unavailable,
             ErrorCode::Internal,
         ];
         for code in all {

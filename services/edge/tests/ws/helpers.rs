@@ -1,4 +1,6 @@
 //! Test harness: a private NATS, edges on port 0, rooms in KV, sessions, WebSocket clients.
+//! Shared by the `ws` and `http` test binaries; each uses a part of it.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -91,6 +93,7 @@ impl TestEdge {
                 access_token: "secret-access-token".into(),
                 refresh_token: "secret-refresh-token".into(),
                 access_expires_at: now + ttl_ms,
+                scope: "identify guilds.join".into(),
                 created_at: now,
                 expires_at: now + ttl_ms,
             })

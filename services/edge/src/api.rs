@@ -1,0 +1,229 @@
+//! The room HTTP API: each call checks the session (refreshing it silently), validates its body,
+//! and forwards a typed command to room-manager over NATS request/reply with a timeout.
+//!
+//! | method and path | command | success |
+//! |---|---|---|
+//! | `POST /api/rooms` `{name, guild?, idempotency_key?}` | `create` | 201 `Created` |
+//! | `POST /api/rooms/join` `{invite}` | `join` | 200 `Joined` |
+//! | `GET /api/rooms` | `list_mine` | 200 `RoomList` |
+//! | `GET /api/rooms/{room}` | `get` | 200 `RoomView` |
+//! | `POST /api/rooms/{room}/leave` | `leave` | 200 `{}` |
+//! | `POST /api/rooms/{room}/close` | `close` | 200 `{}` |
+//! | `POST /api/rooms/{room}/invite` | `rotate_invite` | 200 `Invite` |
+
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use voicerooms_contract::command::{
+    decode_reply, CreateRoom, Created, Done, Invite, JoinRoom, Joined, ListMine, RoomCommand,
+    RoomList, RoomView,
+};
+use voicerooms_contract::subject::CommandKind;
+use voicerooms_contract::wire::Validate;
+use voicerooms_contract::{ApiError, ErrorCode, GuildId, RoomId, UserRef};
+
+use crate::auth::Auth;
+use crate::http::{check_origin, HttpError};
+
+/// What the API handlers share.
+pub struct Api {
+    pub nats: async_nats::Client,
+    pub timeout: Duration,
+    pub default_guild: Option<GuildId>,
+    pub allowed_origins: Vec<String>,
+}
+
+impl Api {
+    async fn call<Req: Serialize + Validate, Rep: DeserializeOwned>(
+        &self,
+        kind: CommandKind,
+        request: &Req,
+    ) -> Result<Rep, HttpError> {
+        request.validate().map_err(ApiError::from)?;
+        let payload = serde_json::to_vec(request)
+            .map_err(|e| HttpError::new(ErrorCode::Internal, e.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        voicerooms_platform::telemetry::inject(&mut headers);
+        let reply = tokio::time::timeout(
+            self.timeout,
+            self.nats
+                .request_with_headers(kind.subject(), headers, payload.into()),
+        )
+        .await
+        .map_err(|_| HttpError::new(ErrorCode::Timeout, "room-manager did not answer in time"))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => {
+                HttpError::new(ErrorCode::Unavailable, "room-manager is not running")
+            }
+            async_nats::RequestErrorKind::TimedOut => {
+                HttpError::new(ErrorCode::Timeout, "room-manager did not answer in time")
+            }
+            _ => HttpError::new(ErrorCode::Unavailable, "NATS is not reachable"),
+        })?;
+        decode_reply::<Rep>(&reply.payload).map_err(HttpError::from)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    name: String,
+    #[serde(default)]
+    guild: Option<GuildId>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinBody {
+    invite: String,
+}
+
+async fn requester(auth: &Auth, req: &HttpRequest) -> Result<UserRef, HttpError> {
+    auth.session(req).await.map(|(_, s)| s.user)
+}
+
+fn room_id(raw: &str) -> Result<RoomId, HttpError> {
+    RoomId::parse(raw).map_err(|e| HttpError::new(ErrorCode::Validation, format!("room: {e}")))
+}
+
+/// `POST /api/rooms`.
+pub async fn create(
+    api: web::Data<Api>,
+    auth: web::Data<Auth>,
+    req: HttpRequest,
+    body: web::Json<CreateBody>,
+) -> Result<HttpResponse, HttpError> {
+    check_origin(&req, &api.allowed_origins)?;
+    let requester = requester(&auth, &req).await?;
+    let body = body.into_inner();
+    let guild = body.guild.or(api.default_guild).ok_or_else(|| {
+        HttpError::new(
+            ErrorCode::Validation,
+            "guild is required (no default guild configured)",
+        )
+    })?;
+    let created: Created = api
+        .call(
+            CommandKind::Create,
+            &CreateRoom {
+                requester,
+                guild,
+                name: body.name,
+                idempotency_key: body.idempotency_key,
+            },
+        )
+        .await?;
+    Ok(HttpResponse::Created().json(created))
+}
+
+/// `POST /api/rooms/join`.
+pub async fn join(
+    api: web::Data<Api>,
+    auth: web::Data<Auth>,
+    req: HttpRequest,
+    body: web::Json<JoinBody>,
+) -> Result<HttpResponse, HttpError> {
+    check_origin(&req, &api.allowed_origins)?;
+    let requester = requester(&auth, &req).await?;
+    let joined: Joined = api
+        .call(
+            CommandKind::Join,
+            &JoinRoom {
+                requester,
+                invite: body.into_inner().invite,
+            },
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(joined))
+}
+
+/// `GET /api/rooms`.
+pub async fn list(
+    api: web::Data<Api>,
+    auth: web::Data<Auth>,
+    req: HttpRequest,
+) -> Result<HttpResponse, HttpError> {
+    let requester = requester(&auth, &req).await?;
+    let rooms: RoomList = api
+        .call(CommandKind::ListMine, &ListMine { requester })
+        .await?;
+    Ok(HttpResponse::Ok().json(rooms))
+}
+
+/// `GET /api/rooms/{room}`.
+pub async fn get(
+    api: web::Data<Api>,
+    auth: web::Data<Auth>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    let room = room_id(&path)?;
+    let requester = requester(&auth, &req).await?;
+    let view: RoomView = api
+        .call(CommandKind::Get, &RoomCommand { requester, room })
+        .await?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `POST /api/rooms/{room}/{action}` for leave, close and invite.
+pub async fn action(
+    api: web::Data<Api>,
+    auth: web::Data<Auth>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, HttpError> {
+    check_origin(&req, &api.allowed_origins)?;
+    let (room, action) = path.into_inner();
+    let room = room_id(&room)?;
+    let requester = requester(&auth, &req).await?;
+    let command = RoomCommand { requester, room };
+    match action.as_str() {
+        "leave" => {
+            let done: Done = api.call(CommandKind::Leave, &command).await?;
+            Ok(HttpResponse::Ok().json(done))
+        }
+        "close" => {
+            let done: Done = api.call(CommandKind::Close, &command).await?;
+            Ok(HttpResponse::Ok().json(done))
+        }
+        "invite" => {
+            let invite: Invite = api.call(CommandKind::RotateInvite, &command).await?;
+            Ok(HttpResponse::Ok().json(invite))
+        }
+        _ => Err(HttpError::new(ErrorCode::RoomNotFound, "no such action")),
+    }
+}
+
+/// JSON body errors as typed `validation` errors, bodies bounded by `limit`.
+pub fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|e, _| {
+            let message = match &e {
+                actix_web::error::JsonPayloadError::Overflow { .. }
+                | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
+                    "request body too large".to_owned()
+                }
+                actix_web::error::JsonPayloadError::ContentType => {
+                    "send Content-Type: application/json".to_owned()
+                }
+                other => {
+                    let mut m = other.to_string();
+                    m.truncate(200);
+                    m
+                }
+            };
+            HttpError::new(ErrorCode::Validation, message).into()
+        })
+}
+
+/// `GET /api/openapi.json`.
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(include_str!("openapi.json"))
+}
