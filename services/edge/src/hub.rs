@@ -522,7 +522,7 @@ impl Pump {
         let mut sent = 0u64;
         for subscriber in self.subscribers.values_mut() {
             if subscriber.last < seq {
-                if subscriber.outbox.push(&frame) {
+                if subscriber.outbox.push_event(&frame, event.received_at) {
                     sent += 1;
                 }
                 subscriber.last = seq;
@@ -535,7 +535,7 @@ impl Pump {
         let now = voicerooms_contract::now_ms();
         self.inner
             .metrics
-            .event_latency
+            .fanout_latency
             .observe(now.saturating_sub(event.received_at) as f64 / 1000.0);
     }
 

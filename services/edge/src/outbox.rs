@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, Notify};
 #[derive(Debug)]
 pub enum Out {
     Frame(ByteString),
+    /// An event frame with its gateway receive time, for the end-to-end latency histogram.
+    Event(ByteString, u64),
     Ping,
     Close(u16, String),
 }
@@ -64,6 +66,15 @@ impl Outbox {
     /// Queues a frame. False when the connection is gone or its queue overflowed (it will be
     /// closed with 1008); the caller just moves on.
     pub fn push(&self, frame: &ByteString) -> bool {
+        self.enqueue(frame, None)
+    }
+
+    /// Queues an event frame stamped with its gateway receive time (ms).
+    pub fn push_event(&self, frame: &ByteString, received_at: u64) -> bool {
+        self.enqueue(frame, Some(received_at))
+    }
+
+    fn enqueue(&self, frame: &ByteString, received_at: Option<u64>) -> bool {
         if self.overflowed.load(Ordering::Relaxed) {
             return false;
         }
@@ -75,7 +86,11 @@ impl Outbox {
             self.overflow.notify_one();
             return false;
         }
-        if self.tx.send(Out::Frame(frame.clone())).is_err() {
+        let out = match received_at {
+            Some(at) => Out::Event(frame.clone(), at),
+            None => Out::Frame(frame.clone()),
+        };
+        if self.tx.send(out).is_err() {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             return false;
         }

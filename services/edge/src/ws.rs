@@ -21,7 +21,7 @@ use voicerooms_contract::{ErrorCode, Millis, RoomId, UserId, UserRef};
 
 use crate::hub::{ConnId, Hub};
 use crate::metrics::EdgeMetrics;
-use crate::outbox::{outbox, Inbox, Out, Outbox};
+use crate::outbox::{outbox, Inbox, Out, Outbox, OverflowSignal};
 use crate::protocol::{self, close, ClientMessage};
 use crate::session::{SessionError, SessionStore};
 use crate::WebSocketSettings;
@@ -436,6 +436,36 @@ impl Connection {
     }
 }
 
+/// What sending one frame came to.
+enum Sent {
+    Ok,
+    /// The socket is gone.
+    Closed,
+    /// The queue overflowed while we waited on the socket.
+    Overflowed,
+}
+
+async fn send_frame(
+    session: &mut actix_ws::Session,
+    inbox: &Inbox,
+    overflow: &OverflowSignal,
+    frame: ByteString,
+) -> Sent {
+    let len = frame.len();
+    // A client that stops reading blocks this send; the overflow notice unblocks us.
+    let sent = tokio::select! {
+        biased;
+        _ = overflow.wait() => None,
+        r = session.text(frame) => Some(r),
+    };
+    inbox.written(len);
+    match sent {
+        Some(Ok(())) => Sent::Ok,
+        Some(Err(_)) => Sent::Closed,
+        None => Sent::Overflowed,
+    }
+}
+
 async fn write_loop(mut session: actix_ws::Session, mut inbox: Inbox, metrics: EdgeMetrics) {
     let overflow = inbox.overflow_signal();
     loop {
@@ -448,29 +478,29 @@ async fn write_loop(mut session: actix_ws::Session, mut inbox: Inbox, metrics: E
         if inbox.is_overflowed() {
             break;
         }
-        let result = match out {
-            Out::Frame(frame) => {
-                let len = frame.len();
-                // A client that stops reading blocks this send; the overflow notice unblocks us.
-                let sent = tokio::select! {
-                    biased;
-                    _ = overflow.wait() => None,
-                    r = session.text(frame) => Some(r),
-                };
-                inbox.written(len);
-                match sent {
-                    Some(r) => r,
-                    None => break,
-                }
+        let sent = match out {
+            Out::Frame(frame) => send_frame(&mut session, &inbox, &overflow, frame).await,
+            Out::Event(frame, received_at) => {
+                let sent = send_frame(&mut session, &inbox, &overflow, frame).await;
+                let now = voicerooms_contract::now_ms();
+                metrics
+                    .delivery_latency
+                    .observe(now.saturating_sub(received_at) as f64 / 1000.0);
+                sent
             }
-            Out::Ping => session.ping(b"").await,
+            Out::Ping => match session.ping(b"").await {
+                Ok(()) => Sent::Ok,
+                Err(_) => Sent::Closed,
+            },
             Out::Close(code, why) => {
                 let _ = session.close(Some(reason(code, &why))).await;
                 return;
             }
         };
-        if result.is_err() {
-            return;
+        match sent {
+            Sent::Ok => {}
+            Sent::Closed => return,
+            Sent::Overflowed => break,
         }
     }
     if inbox.is_overflowed() {

@@ -132,7 +132,7 @@ pub async fn bad_config_fails_naming_the_key(bin: &str, var: &str, value: &str, 
 /// Generates the conformance tests for a service crate whose library exposes `Settings`
 /// (`Default`, with `common`) and `Application` (`build`, `port`, `run_until_stopped`).
 ///
-/// ```ignore
+/// ```text
 /// voicerooms_testkit::service_conformance_tests!(
 ///     crate_name: gateway_listener,
 ///     bin: env!("CARGO_BIN_EXE_gateway-listener"),
