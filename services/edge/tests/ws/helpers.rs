@@ -207,6 +207,27 @@ impl Client {
         Client { socket }
     }
 
+    /// Like [`Client::authed`] over a socket with a small receive buffer, so that a client that
+    /// stops reading fills the server's queue quickly.
+    pub async fn authed_small_buffer(port: u16, cookie: &str) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let mut request = format!("ws://127.0.0.1:{port}/ws")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Cookie", format!("vr_session={cookie}").parse().unwrap());
+        let (socket, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+        let mut client = Client { socket };
+        let ack = client.next_json().await;
+        assert_eq!(ack["event"], "auth.ok", "{ack}");
+        client
+    }
+
     /// Connects and authenticates with the cookie, waiting for `auth.ok`.
     pub async fn authed(url: &str, cookie: &str) -> Client {
         let mut client = Client::connect(url, Some(cookie)).await;
