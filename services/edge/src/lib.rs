@@ -15,6 +15,7 @@
 //! - [`api`]: the room HTTP API, forwarded to room-manager over NATS; `/api/openapi.json`.
 //! - [`http`]: typed JSON errors, the cross-site request check, safe return paths.
 //! - [`metrics`]: the Prometheus series (`voicerooms_edge_*`).
+//! - [`page`]: the players' page and the JavaScript client module (embedded static files).
 
 pub mod api;
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod page;
 pub mod protocol;
 pub mod session;
 pub mod ws;
@@ -390,7 +392,8 @@ impl Application {
                 .route("/api/rooms", web::post().to(api::create))
                 .route("/api/rooms/join", web::post().to(api::join))
                 .route("/api/rooms/{room}", web::get().to(api::get))
-                .route("/api/rooms/{room}/{action}", web::post().to(api::action));
+                .route("/api/rooms/{room}/{action}", web::post().to(api::action))
+                .configure(page::routes);
         })?;
         Ok(Self {
             service,

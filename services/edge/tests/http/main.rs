@@ -480,3 +480,65 @@ async fn no_response_frame_or_log_line_contains_a_token_or_secret() {
     }
     assert!(logs.contains("logged in"), "logs were captured");
 }
+
+#[tokio::test]
+async fn the_page_and_the_client_module_are_served_with_a_strict_policy_and_no_secret() {
+    let stack = stack().await;
+    for path in ["/", "/rooms/1187716447235293214", "/invite/abc.def"] {
+        let res = stack
+            .http
+            .get(format!("{}{path}", stack.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let headers = res.headers().clone();
+        assert!(headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'"), "{csp}");
+        assert_eq!(headers["referrer-policy"], "no-referrer");
+        let body = res.text().await.unwrap();
+        assert!(body.contains(r#"<script type="module" src="/static/app.js">"#));
+    }
+    for (path, kind, marker) in [
+        ("/static/app.js", "text/javascript", "VoiceroomsClient"),
+        ("/static/style.css", "text/css", "--accent"),
+        (
+            "/js/voicerooms.js",
+            "text/javascript",
+            "export class VoiceroomsClient",
+        ),
+    ] {
+        let res = stack
+            .http
+            .get(format!("{}{path}", stack.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert!(res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(kind));
+        assert_eq!(res.headers()["cache-control"], "no-cache");
+        let body = res.text().await.unwrap();
+        assert!(body.contains(marker), "{path}");
+        for secret in [
+            "sim-client-secret",
+            helpers::SESSION_KEY,
+            "secret-access-token",
+        ] {
+            assert!(!body.contains(secret), "{path} contains a secret");
+        }
+    }
+    let missing = stack
+        .http
+        .get(format!("{}/static/nope.js", stack.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}

@@ -1,0 +1,199 @@
+// Starts the real stack on free ports for the browser tests and stops it afterwards:
+// nats-server (JetStream, temp dir), discord-sim, gateway-listener, room-manager and edge
+// binaries (from $CARGO_TARGET_DIR or target/, built by `cargo build --bins`), configured as
+// scripts/dev does. Then checks whether room-manager answers commands and whether
+// gateway-listener holds a gateway session; where one does not yet (still skeletons on main),
+// the matching stand-in of standin.mjs takes its place, and `stack.standins` says so.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, mkdirSync, openSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import net from 'node:net';
+import { randomBytes } from 'node:crypto';
+import { connect } from 'nats';
+
+import { RoomManagerStandIn, GatewayStandIn } from './standin.mjs';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+export const ARTIFACTS = process.env.VR_ARTIFACTS || join(ROOT, 'artifacts', 'browser');
+export const GUILD = '200000000000000001';
+export const USERS = { alice: '300000000000000001', bob: '300000000000000002', carol: '300000000000000003', dave: '300000000000000004', erin: '300000000000000005' };
+export const LOBBY = '200000000000000101';
+export const GAMING = '200000000000000102';
+
+/** Deadlines scale with VR_SLOW (e.g. 2 on a loaded CI machine). */
+export const SLOW = Number(process.env.VR_SLOW || (process.env.CI ? 2 : 1));
+
+export function freePort() {
+  return new Promise((res, rej) => {
+    const s = net.createServer();
+    s.on('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+  });
+}
+
+/** Polls `check` until it returns a truthy value or `ms` pass. */
+export async function waitFor(what, check, ms = 10000) {
+  const deadline = Date.now() + ms * SLOW;
+  let last;
+  while (Date.now() < deadline) {
+    try {
+      const v = await check();
+      if (v) return v;
+    } catch (e) {
+      last = e;
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`timed out waiting for ${what}${last ? `: ${last.message}` : ''}`);
+}
+
+async function ok(url) {
+  const res = await fetch(url).catch(() => null);
+  return res && res.ok;
+}
+
+function bin(name) {
+  const target = process.env.CARGO_TARGET_DIR || join(ROOT, 'target');
+  return join(target, 'debug', name);
+}
+
+export class Stack {
+  constructor() {
+    this.procs = new Map();
+    this.dir = mkdtempSync(join(tmpdir(), 'vr-browser-'));
+    this.logs = join(this.dir, 'logs');
+    mkdirSync(this.logs);
+    this.standins = [];
+  }
+
+  spawn(name, cmd, args, env) {
+    const out = openSync(join(this.logs, `${name}.log`), 'a');
+    const child = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['ignore', out, out] });
+    this.procs.set(name, child);
+    return child;
+  }
+
+  async start() {
+    this.natsPort = await freePort();
+    this.simPort = await freePort();
+    this.ports = { 'gateway-listener': await freePort(), 'room-manager': await freePort(), edge: await freePort() };
+    this.natsUrl = `nats://127.0.0.1:${this.natsPort}`;
+    this.sim = `http://127.0.0.1:${this.simPort}`;
+    this.base = `http://127.0.0.1:${this.ports.edge}`;
+    this.spawn('nats-server', 'nats-server', ['-a', '127.0.0.1', '-p', String(this.natsPort), '-js', '-sd', join(this.dir, 'nats')], {
+      PATH: `${process.env.PATH}:/usr/sbin`,
+    });
+    this.spawn('discord-sim', bin('discord-sim'), [], { DISCORD_SIM__BIND: `127.0.0.1:${this.simPort}`, DISCORD_SIM__HEARTBEAT_INTERVAL_MS: '5000' });
+    await waitFor('nats-server', () => new Promise((r) => {
+      const s = net.connect(this.natsPort, '127.0.0.1', () => { s.end(); r(true); });
+      s.on('error', () => r(false));
+    }));
+    await waitFor('discord-sim', () => ok(`${this.sim}/_sim`));
+    this.env = {
+      VOICEROOMS__NATS__URL: this.natsUrl,
+      VOICEROOMS__LOG__FORMAT: 'json',
+      VOICEROOMS__DISCORD__API_BASE: `${this.sim}/api/v10`,
+      VOICEROOMS__DISCORD__TOKEN: 'sim-bot-token',
+      VOICEROOMS__OAUTH__CLIENT_ID: '100000000000000001',
+      VOICEROOMS__OAUTH__CLIENT_SECRET: 'sim-client-secret',
+      VOICEROOMS__OAUTH__AUTHORIZE_URL: `${this.sim}/oauth2/authorize`,
+      VOICEROOMS__OAUTH__TOKEN_URL: `${this.sim}/api/oauth2/token`,
+      VOICEROOMS__OAUTH__REVOKE_URL: `${this.sim}/api/oauth2/token/revoke`,
+      VOICEROOMS__OAUTH__API_BASE: `${this.sim}/api/v10`,
+      VOICEROOMS__OAUTH__REDIRECT_URL: `${this.base}/auth/callback`,
+      VOICEROOMS__EDGE__DEFAULT_GUILD: GUILD,
+      VOICEROOMS__SESSION__KEY: randomBytes(48).toString('base64'),
+    };
+    for (const name of ['gateway-listener', 'room-manager', 'edge']) this.startService(name);
+    for (const name of ['gateway-listener', 'room-manager', 'edge']) {
+      await waitFor(`${name} ready`, () => ok(`http://127.0.0.1:${this.ports[name]}/readyz`), 30000);
+    }
+    this.nc = await connect({ servers: this.natsUrl, name: 'browser-tests' });
+    await this.adoptStandIns();
+    return this;
+  }
+
+  startService(name) {
+    return this.spawn(name, bin(name), [], { ...this.env, VOICEROOMS__HTTP__PORT: String(this.ports[name]) });
+  }
+
+  /** Stops a service with SIGTERM (graceful) and waits for it to exit. */
+  async stopService(name, signal = 'SIGTERM') {
+    const child = this.procs.get(name);
+    if (!child || child.exitCode !== null) return;
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill(signal);
+    await exited;
+    this.procs.delete(name);
+  }
+
+  async restartEdge() {
+    await this.stopService('edge');
+    this.startService('edge');
+    await waitFor('edge ready again', () => ok(`${this.base}/readyz`), 30000);
+  }
+
+  async adoptStandIns() {
+    // room-manager: does anything answer its commands with a decodable reply?
+    let real = false;
+    try {
+      const reply = await this.nc.request('roommgr.v1.list_mine', JSON.stringify({ requester: { id: USERS.alice, username: 'alice' } }), { timeout: 2000 });
+      const body = JSON.parse(new TextDecoder().decode(reply.data));
+      real = !!(body && body.ok && Array.isArray(body.ok.rooms));
+    } catch (_) {
+      real = false;
+    }
+    if (!real) {
+      this.roomManager = new RoomManagerStandIn({ nc: this.nc, sim: this.sim, guild: GUILD });
+      await this.roomManager.start();
+      this.standins.push('room-manager');
+    }
+    // gateway-listener: does it hold a session with the simulator (give it a few seconds)?
+    const hasSession = await waitFor('gateway session', async () => {
+      const s = await (await fetch(`${this.sim}/_sim/sessions`)).json();
+      return s.sessions.some((x) => x.connected);
+    }, 8000).catch(() => false);
+    if (!hasSession) {
+      this.gateway = new GatewayStandIn({ nc: this.nc, sim: this.sim, onVoice: (e) => this.roomManager && this.roomManager.onVoice(e) });
+      await this.gateway.start();
+      this.standins.push('gateway-listener');
+    } else if (this.roomManager) {
+      // The real gateway-listener publishes; the stand-in room-manager follows its events.
+      await this.roomManager.followVoiceEvents();
+    }
+  }
+
+  /** The simulator's control API. */
+  async simPost(path, body) {
+    const res = await fetch(`${this.sim}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    if (!res.ok) throw new Error(`${path}: ${res.status} ${await res.text()}`);
+    return res.json().catch(() => ({}));
+  }
+  voiceConnect(user, channel) {
+    return this.simPost('/_sim/voice/connect', { user_id: user, channel_id: channel });
+  }
+  voiceDisconnect(user) {
+    return this.simPost('/_sim/voice/disconnect', { user_id: user });
+  }
+  async voiceChannelOf(user) {
+    const state = await (await fetch(`${this.sim}/_sim/state`)).json();
+    for (const g of state.guilds) for (const v of g.voice_states || []) if (v.user_id === user) return v.channel_id;
+    return null;
+  }
+
+  async stop() {
+    if (this.gateway) this.gateway.stop();
+    if (this.roomManager) this.roomManager.stop();
+    if (this.nc) await this.nc.close().catch(() => {});
+    for (const name of ['edge', 'room-manager', 'gateway-listener', 'discord-sim', 'nats-server']) {
+      await this.stopService(name).catch(() => {});
+    }
+    if (process.env.VR_KEEP_LOGS) console.log(`logs kept in ${this.logs}`);
+    else rmSync(this.dir, { recursive: true, force: true });
+  }
+}
