@@ -169,6 +169,26 @@ pub mod filter {
     pub fn live_all() -> String {
         format!("{LIVE_PREFIX}.{ROOMS_ROOT}.>")
     }
+    /// Room events narrowed by any of guild, room and kind (a missing part matches anything):
+    /// `rooms.<guild|*>.<room|*>.<kind|>>`. With nothing given it is `rooms.>`. Room ids are
+    /// channel ids, unique across guilds, so a room without its guild still names one room.
+    pub fn select(guild: Option<GuildId>, room: Option<RoomId>, kind: Option<EventKind>) -> String {
+        if guild.is_none() && room.is_none() && kind.is_none() {
+            return all_rooms();
+        }
+        let g = guild.map_or_else(|| "*".to_owned(), |g| g.to_string());
+        let r = room.map_or_else(|| "*".to_owned(), |r| r.to_string());
+        let k = kind.map_or(">", EventKind::as_str);
+        format!("{ROOMS_ROOT}.{g}.{r}.{k}")
+    }
+    /// [`select`] on the republished live feed: `live.rooms.<guild|*>.<room|*>.<kind|>>`.
+    pub fn select_live(
+        guild: Option<GuildId>,
+        room: Option<RoomId>,
+        kind: Option<EventKind>,
+    ) -> String {
+        format!("{LIVE_PREFIX}.{}", select(guild, room, kind))
+    }
     /// Every gateway status: `gateway.*.status`.
     pub fn gateway_status() -> String {
         "gateway.*.status".to_owned()
@@ -320,6 +340,25 @@ mod tests {
         );
         assert_eq!(filter::live_room(g(), r()), "live.rooms.111.222.>");
         assert_eq!(CommandKind::ListMine.subject(), "roommgr.v1.list_mine");
+    }
+
+    #[test]
+    fn selections_narrow_by_guild_room_and_kind() {
+        assert_eq!(filter::select(None, None, None), "rooms.>");
+        assert_eq!(filter::select(Some(g()), None, None), "rooms.111.*.>");
+        assert_eq!(filter::select(None, Some(r()), None), "rooms.*.222.>");
+        assert_eq!(
+            filter::select(Some(g()), Some(r()), Some(EventKind::VoiceLeft)),
+            "rooms.111.222.voice.left"
+        );
+        assert_eq!(
+            filter::select(None, None, Some(EventKind::RoomDeleted)),
+            "rooms.*.*.room.deleted"
+        );
+        assert_eq!(
+            filter::select_live(None, Some(r()), None),
+            "live.rooms.*.222.>"
+        );
     }
 
     #[test]
