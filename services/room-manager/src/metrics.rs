@@ -1,0 +1,120 @@
+//! room-manager's metrics (besides the Discord client's and the platform's).
+
+use std::sync::atomic::AtomicI64;
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use voicerooms_contract::event::CloseReason;
+use voicerooms_contract::{now_ms, Millis};
+
+type Labels = Vec<(String, String)>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 30.0,
+    ])
+}
+
+/// Counters, gauges and histograms of the room operations.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Operation latency by operation and outcome (seconds).
+    pub ops: Family<Labels, Histogram>,
+    /// Time from a join request to its placement, by outcome (seconds).
+    pub placement: Family<Labels, Histogram>,
+    /// Time from registering a pending move to firing it, by outcome (seconds).
+    pub pending_fired: Family<Labels, Histogram>,
+    /// Rooms by state, as of the last cleanup scan.
+    pub rooms: Family<Labels, Gauge<i64, AtomicI64>>,
+    /// Rooms deleted, by reason.
+    pub deleted: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            ops: Family::new_with_constructor(latency_histogram),
+            placement: Family::new_with_constructor(latency_histogram),
+            pending_fired: Family::new_with_constructor(latency_histogram),
+            rooms: Family::default(),
+            deleted: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "room_operation_seconds",
+            "Room operation latency by operation and outcome",
+            self.ops.clone(),
+        );
+        r.register(
+            "room_placement_seconds",
+            "Join request to voice placement, by outcome",
+            self.placement.clone(),
+        );
+        r.register(
+            "room_pending_move_seconds",
+            "Pending move registration to firing, by outcome",
+            self.pending_fired.clone(),
+        );
+        r.register(
+            "rooms",
+            "Rooms by state (last cleanup scan)",
+            self.rooms.clone(),
+        );
+        r.register(
+            "rooms_deleted",
+            "Rooms deleted by reason",
+            self.deleted.clone(),
+        );
+    }
+
+    pub fn op(&self, op: &str, outcome: &str, started: Instant) {
+        self.ops
+            .get_or_create(&vec![
+                ("op".into(), op.into()),
+                ("outcome".into(), outcome.into()),
+            ])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn placement(&self, outcome: &str, started: Instant) {
+        self.placement
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn placement_fired(&self, outcome: &str, registered_at: Millis) {
+        self.pending_fired
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .observe(now_ms().saturating_sub(registered_at) as f64 / 1000.0);
+    }
+
+    pub fn rooms_deleted(&self, reason: CloseReason) {
+        let reason = match reason {
+            CloseReason::Idle => "idle",
+            CloseReason::Owner => "owner",
+            CloseReason::ChannelDeleted => "channel_deleted",
+        };
+        self.deleted
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    pub fn set_rooms_by_state(&self, counts: [i64; 4]) {
+        for (name, n) in ["creating", "open", "closing", "deleting"]
+            .into_iter()
+            .zip(counts)
+        {
+            self.rooms
+                .get_or_create(&vec![("state".into(), name.into())])
+                .set(n);
+        }
+    }
+}

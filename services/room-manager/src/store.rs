@@ -1,0 +1,268 @@
+//! State in JetStream KV, changed only by compare-and-set on the entry's revision.
+//!
+//! - Bucket `rooms` ([`subject::ROOMS_BUCKET`]), key `<room id>`: a [`RoomRecord`] — the
+//!   contract's `RoomView` (what the edge reads as the snapshot, with `seq`) plus room-manager's
+//!   own fields (invite id, deletion lease, per-user voice sequence). Extra fields are ignored by
+//!   anyone decoding a `RoomView`.
+//! - Bucket `room_manager` ([`STATE_BUCKET`]):
+//!   - `owner.<user id>`: [`OwnerIndex`] — the rooms a user owns, their creates in progress (the
+//!     crash-safe intent the reconciler rolls back) and recent idempotency keys;
+//!   - `pending.<guild id>.<user id>`: [`PendingMove`] — move this user into the room's channel
+//!     the moment they connect to voice in that guild.
+//!
+//! [`update`] is the one way to change an entry: read, apply a closure, write with the revision
+//! read; on a lost race, read again (bounded attempts).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use voicerooms_contract::command::RoomView;
+use voicerooms_contract::event::CloseReason;
+use voicerooms_contract::{ApiError, ErrorCode, GuildId, Millis, RoomId, UserId};
+
+/// room-manager's own bucket.
+pub const STATE_BUCKET: &str = "room_manager";
+/// Attempts of one compare-and-set loop (enough for 50 replicas' worth of contention).
+const MAX_CAS_ATTEMPTS: u32 = 200;
+/// Most idempotency keys remembered per user.
+const MAX_RECENT_KEYS: usize = 16;
+
+/// A room as stored in the `rooms` bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    #[serde(flatten)]
+    pub view: RoomView,
+    /// The current invite: only a token with this id is accepted.
+    pub invite_id: String,
+    pub invite_issued_at: Millis,
+    /// Who is deleting the room, until when (set with state `deleting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<CloseReason>,
+    /// Sequence of the last voice event applied per user: an older event for that user is stale.
+    #[serde(default)]
+    pub voice_seq: BTreeMap<String, u64>,
+}
+
+/// A replica's claim on a room while it deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub instance: String,
+    pub until: Millis,
+}
+
+/// A create in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSlot {
+    /// Tag put in the role's name (`vr-<nonce>`), so Discord objects can be traced to it.
+    pub nonce: String,
+    pub guild: GuildId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub started_at: Millis,
+    pub instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<u64>,
+}
+
+/// A finished create remembered by its idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentKey {
+    pub key: String,
+    pub room: RoomId,
+}
+
+/// What one user owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerIndex {
+    #[serde(default)]
+    pub rooms: Vec<RoomId>,
+    #[serde(default)]
+    pub creating: Vec<CreateSlot>,
+    #[serde(default)]
+    pub recent: Vec<RecentKey>,
+}
+
+impl OwnerIndex {
+    pub fn remember(&mut self, key: Option<&str>, room: RoomId) {
+        if let Some(key) = key {
+            self.recent.retain(|r| r.key != key);
+            self.recent.push(RecentKey {
+                key: key.to_owned(),
+                room,
+            });
+            while self.recent.len() > MAX_RECENT_KEYS {
+                self.recent.remove(0);
+            }
+        }
+    }
+}
+
+/// Move this user into `channel` when they connect to voice before `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingMove {
+    pub room: RoomId,
+    pub registered_at: Millis,
+    pub expires_at: Millis,
+}
+
+pub fn owner_key(user: UserId) -> String {
+    format!("owner.{user}")
+}
+
+pub fn pending_key(guild: GuildId, user: UserId) -> String {
+    format!("pending.{guild}.{user}")
+}
+
+/// A KV failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored state is corrupt at {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("too much contention on {0}")]
+    Contention(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Contention(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            StoreError::Unavailable(_) => ApiError::new(ErrorCode::Timeout, e.to_string()),
+            StoreError::Corrupt { .. } => ApiError::new(ErrorCode::Internal, e.to_string()),
+        }
+    }
+}
+
+/// Reads a JSON value and its revision; a deleted key is `None`.
+pub async fn get<T: DeserializeOwned>(
+    store: &kv::Store,
+    key: &str,
+) -> Result<Option<(T, u64)>, StoreError> {
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let value = serde_json::from_slice(&e.value).map_err(|err| StoreError::Corrupt {
+                key: key.to_owned(),
+                reason: err.to_string(),
+            })?;
+            Ok(Some((value, e.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// What an update closure decided.
+pub enum Change<T, R> {
+    /// Write this value.
+    Put(T, R),
+    /// Delete the entry.
+    Delete(R),
+    /// Leave it as it is.
+    Keep(R),
+}
+
+/// Compare-and-set loop: `f` sees the current value (or `None`) and decides.
+/// Returns the closure's result and the new revision (when it wrote).
+pub async fn update<T, R, E, F>(
+    store: &kv::Store,
+    key: &str,
+    mut f: F,
+) -> Result<Result<(R, Option<u64>), E>, StoreError>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnMut(Option<T>) -> Result<Change<T, R>, E>,
+{
+    for attempt in 0..MAX_CAS_ATTEMPTS {
+        let current = get::<T>(store, key).await?;
+        let revision = current.as_ref().map(|(_, r)| *r);
+        let change = match f(current.map(|(v, _)| v)) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let result = match change {
+            Change::Keep(r) => return Ok(Ok((r, None))),
+            Change::Put(value, r) => {
+                let bytes =
+                    Bytes::from(serde_json::to_vec(&value).map_err(|e| StoreError::Corrupt {
+                        key: key.to_owned(),
+                        reason: e.to_string(),
+                    })?);
+                let written = match revision {
+                    Some(rev) => store.update(key, bytes, rev).await.map_err(|e| {
+                        matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision)
+                            .then_some(())
+                            .ok_or_else(|| e.to_string())
+                    }),
+                    None => store.create(key, bytes).await.map_err(|e| {
+                        matches!(e.kind(), kv::CreateErrorKind::AlreadyExists)
+                            .then_some(())
+                            .ok_or_else(|| e.to_string())
+                    }),
+                };
+                written.map(|rev| (r, Some(rev)))
+            }
+            Change::Delete(r) => match revision {
+                None => return Ok(Ok((r, None))),
+                Some(rev) => store
+                    .delete_expect_revision(key, Some(rev))
+                    .await
+                    .map(|_| (r, None))
+                    .map_err(|e| {
+                        // A lost race is JetStream's "wrong last sequence" (10071).
+                        let s = e.to_string();
+                        if s.contains("wrong last sequence") || s.contains("10071") {
+                            Ok(())
+                        } else {
+                            Err(s)
+                        }
+                    }),
+            },
+        };
+        match result {
+            Ok(done) => return Ok(Ok(done)),
+            Err(Ok(())) => {
+                // Lost the race: someone else wrote first. Read again, with a little jitter so
+                // many contenders spread out.
+                if attempt > 2 {
+                    let jitter = rand::random::<u64>() % (1 + u64::from(attempt.min(20)));
+                    tokio::time::sleep(Duration::from_micros(200 * jitter)).await;
+                }
+            }
+            Err(Err(reason)) => return Err(StoreError::Unavailable(reason)),
+        }
+    }
+    Err(StoreError::Contention(key.to_owned()))
+}
+
+/// Every key of a bucket (bounded by `max`).
+pub async fn keys(store: &kv::Store, max: usize) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    let mut stream = store
+        .keys()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    while let Some(k) = stream
+        .try_next()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    {
+        out.push(k);
+        if out.len() >= max {
+            break;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,376 @@
+//! Test harness: a private nats-server, the Discord simulator in-process, and room-manager
+//! replicas in-process on port 0, with typed helpers for the API and for voice events.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use discord_sim::{seed, RateLimitConfig, SimConfig, SimHandle, Simulator};
+use futures::StreamExt;
+use room_manager::settings::{InvitesSettings, RoomManagerSettings, RoomsSettings, TuningSettings};
+use room_manager::{Application, Settings};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use voicerooms_contract::command::{
+    decode_reply, CreateRoom, Created, JoinRoom, Joined, RoomCommand,
+};
+use voicerooms_contract::event::{Event, VoiceFlags, VoiceJoined, VoiceLeft};
+use voicerooms_contract::subject::CommandKind;
+use voicerooms_contract::{
+    now_ms, ApiError, ChannelId, EventKind, GuildId, RoomEvent, RoomId, UserId, UserRef,
+};
+use voicerooms_platform::settings::{CommonSettings, DiscordSettings};
+use voicerooms_platform::Secret;
+use voicerooms_testkit::NatsServer;
+
+pub const SECRET: &str = "test-invite-secret-0123456789abcdef";
+pub const GUILD: u64 = seed::GUILD_ID;
+
+pub struct Replica {
+    pub app_core: std::sync::Arc<room_manager::rooms::Core>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Replica {
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.handle).await;
+    }
+    /// Like a crash: the tasks are dropped without a graceful shutdown.
+    pub fn abort(self) {
+        self.handle.abort();
+    }
+}
+
+pub struct Env {
+    pub nats: NatsServer,
+    pub sim: SimHandle,
+    pub client: async_nats::Client,
+    pub replicas: Vec<Replica>,
+}
+
+pub fn sim_config(rate_limits: bool) -> SimConfig {
+    let mut c = SimConfig::for_tests();
+    c.rate_limits = RateLimitConfig {
+        enabled: rate_limits,
+        ..RateLimitConfig::default()
+    };
+    c
+}
+
+pub fn settings(nats_url: &str, api: &str, instance: &str, rooms: RoomsSettings) -> Settings {
+    let mut common = CommonSettings::with_port(0);
+    common.nats.url = nats_url.to_owned();
+    common.instance = instance.to_owned();
+    common.shutdown.grace_period_ms = 3_000;
+    Settings {
+        common,
+        service: RoomManagerSettings {
+            discord: DiscordSettings {
+                token: Some(Secret::new("sim-bot-token")),
+                api_base: api.to_owned(),
+            },
+            rooms,
+            invites: InvitesSettings {
+                secret: Some(Secret::new(SECRET)),
+                ttl_secs: 86_400,
+            },
+            room_manager: TuningSettings {
+                retry_base_ms: 20,
+                ..TuningSettings::default()
+            },
+        },
+    }
+}
+
+/// Short durations, long enough not to fire during ordinary tests.
+pub fn quiet_rooms() -> RoomsSettings {
+    RoomsSettings {
+        idle_timeout_ms: 3_600_000,
+        cleanup_interval_ms: 3_600_000,
+        reconcile_interval_ms: 3_600_000,
+        pending_move_window_ms: 30_000,
+        max_per_user: 3,
+        ..RoomsSettings::default()
+    }
+}
+
+impl Env {
+    pub async fn start(replicas: usize, rooms: RoomsSettings, rate_limits: bool) -> Env {
+        let nats = NatsServer::start().await;
+        let sim = Simulator::start(sim_config(rate_limits))
+            .await
+            .expect("simulator");
+        let client = nats.client().await;
+        let mut env = Env {
+            nats,
+            sim,
+            client,
+            replicas: Vec::new(),
+        };
+        for i in 0..replicas {
+            env.add_replica(&format!("rm-{i}"), rooms.clone()).await;
+        }
+        env
+    }
+
+    pub async fn add_replica(&mut self, instance: &str, rooms: RoomsSettings) {
+        let s = settings(&self.nats.url(), &self.sim.api_url(), instance, rooms);
+        self.replicas.push(start_replica(s).await);
+    }
+
+    pub async fn request<C: Serialize, R: DeserializeOwned>(
+        &self,
+        kind: CommandKind,
+        cmd: &C,
+    ) -> Result<R, ApiError> {
+        request(&self.client, kind, cmd).await
+    }
+
+    pub async fn create(&self, owner: &UserRef, name: &str) -> Result<Created, ApiError> {
+        self.request(
+            CommandKind::Create,
+            &CreateRoom {
+                requester: owner.clone(),
+                guild: GuildId::new(GUILD).unwrap(),
+                name: name.into(),
+                idempotency_key: None,
+            },
+        )
+        .await
+    }
+
+    pub async fn join(&self, user: &UserRef, invite: &str) -> Result<Joined, ApiError> {
+        self.request(
+            CommandKind::Join,
+            &JoinRoom {
+                requester: user.clone(),
+                invite: invite.into(),
+            },
+        )
+        .await
+    }
+
+    pub async fn close(&self, owner: &UserRef, room: RoomId) -> Result<(), ApiError> {
+        self.request::<_, serde_json::Value>(
+            CommandKind::Close,
+            &RoomCommand {
+                requester: owner.clone(),
+                room,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Publishes a voice event as gateway-listener would, into the ROOMS stream.
+    pub async fn publish(&self, channel: u64, event: Event) {
+        let ev = RoomEvent::new(
+            GuildId::new(GUILD).unwrap(),
+            RoomId::new(channel).unwrap(),
+            now_ms(),
+            event,
+        );
+        let js = async_nats::jetstream::new(self.client.clone());
+        js.publish(ev.subject(), ev.encode().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+
+    /// The simulator moves/connects `user` to `channel`; we publish the events the gateway would.
+    pub async fn voice_connect(&self, user: &UserRef, channel: u64) {
+        let before = self.sim.voice_channel_of(user.id.get()).map(|(_, c)| c);
+        self.sim
+            .connect_voice(user.id.get(), channel)
+            .expect("connect voice");
+        if let Some(old) = before {
+            self.publish(
+                old,
+                Event::VoiceLeft(VoiceLeft {
+                    user: user.clone(),
+                    moved_to: Some(ChannelId::new(channel).unwrap()),
+                }),
+            )
+            .await;
+        }
+        self.publish(
+            channel,
+            Event::VoiceJoined(VoiceJoined {
+                user: user.clone(),
+                flags: VoiceFlags::default(),
+                moved_from: before.map(|c| ChannelId::new(c).unwrap()),
+            }),
+        )
+        .await;
+    }
+
+    pub async fn voice_disconnect(&self, user: &UserRef) {
+        let before = self.sim.voice_channel_of(user.id.get()).map(|(_, c)| c);
+        self.sim
+            .disconnect_voice(user.id.get())
+            .expect("disconnect");
+        if let Some(old) = before {
+            self.publish(
+                old,
+                Event::VoiceLeft(VoiceLeft {
+                    user: user.clone(),
+                    moved_to: None,
+                }),
+            )
+            .await;
+        }
+    }
+
+    /// Room events of one kind seen on the stream so far (reads the ROOMS stream).
+    pub async fn events_of(&self, room: RoomId, kind: EventKind) -> Vec<RoomEvent> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let stream = js.get_stream("ROOMS").await.expect("stream");
+        let subject = format!("rooms.{GUILD}.{room}.{}", kind.as_str());
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let pending = consumer.cached_info().num_pending;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return out;
+        }
+        let mut msgs = consumer.messages().await.expect("messages");
+        while out.len() < pending as usize {
+            match tokio::time::timeout(Duration::from_secs(2), msgs.next()).await {
+                Ok(Some(Ok(m))) => out.push(RoomEvent::decode(&m.payload).expect("event")),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    pub async fn wait_for_event(&self, room: RoomId, kind: EventKind, what: &str) -> RoomEvent {
+        let mut found = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Some(e) = self.events_of(room, kind).await.pop() {
+                found = Some(e);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        found.unwrap_or_else(|| panic!("timed out waiting for {what}"))
+    }
+
+    pub async fn shutdown(self) {
+        for r in self.replicas {
+            r.stop().await;
+        }
+        self.sim.shutdown().await;
+    }
+}
+
+pub async fn start_replica(s: Settings) -> Replica {
+    let app = Application::build(s).await.expect("build room-manager");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let core = loop {
+        if let Some(c) = app.core() {
+            break Some(c);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "room-manager not set up in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (tx, rx) = oneshot::channel();
+    let handle = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    // Readiness: the API answers.
+    Replica {
+        app_core: core.expect("core"),
+        stop: Some(tx),
+        handle,
+    }
+}
+
+pub async fn request<C: Serialize, R: DeserializeOwned>(
+    client: &async_nats::Client,
+    kind: CommandKind,
+    cmd: &C,
+) -> Result<R, ApiError> {
+    let body = serde_json::to_vec(cmd).expect("encode");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.request(kind.subject(), body.clone().into()).await {
+            Ok(reply) => return decode_reply::<R>(&reply.payload),
+            // No responders yet (the API is still starting): try again until the deadline.
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("request {} failed: {e}", kind.as_str()),
+        }
+    }
+}
+
+pub fn user(id: u64, name: &str) -> UserRef {
+    UserRef {
+        id: UserId::new(id).unwrap(),
+        username: name.into(),
+        global_name: None,
+        avatar: None,
+    }
+}
+
+pub fn seeded(i: usize) -> UserRef {
+    let (id, name) = seed::USERS[i];
+    user(id, name)
+}
+
+/// A channel as the simulator's REST API shows it (with the bot token).
+pub async fn get_channel(sim: &SimHandle, channel: u64) -> Option<serde_json::Value> {
+    let resp = reqwest::Client::new()
+        .get(format!("{}/channels/{channel}", sim.api_url()))
+        .header("Authorization", "Bot sim-bot-token")
+        .send()
+        .await
+        .expect("GET channel");
+    if resp.status().is_success() {
+        Some(resp.json().await.expect("channel json"))
+    } else {
+        None
+    }
+}
+
+/// Role ids of the guild.
+pub async fn role_ids(sim: &SimHandle) -> Vec<u64> {
+    let roles: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/guilds/{GUILD}/roles", sim.api_url()))
+        .header("Authorization", "Bot sim-bot-token")
+        .send()
+        .await
+        .expect("GET roles")
+        .json()
+        .await
+        .expect("roles json");
+    roles
+        .iter()
+        .filter_map(|r| r["id"].as_str().and_then(|s| s.parse().ok()))
+        .collect()
+}
+
+/// Polls an async condition until it holds or the deadline passes.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    voicerooms_testkit::wait_until(Duration::from_secs(10), what, &mut f).await
+}
