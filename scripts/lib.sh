@@ -29,3 +29,20 @@ ensure_rust_components() {
 
 # nats-server lives in /usr/sbin on Debian, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin:/usr/local/sbin"
+
+# ensure_pip_cmd COMMAND PYPI_PACKAGE: installs a Python tool with pip when the command is missing
+# (as the user, or system-wide where pip refuses a user install; Debian's python needs
+# --break-system-packages for either).
+ensure_pip_cmd() {
+  local cmd=$1 pkg=$2
+  export PATH="$PATH:$HOME/.local/bin"
+  if command -v "$cmd" >/dev/null 2>&1; then return 0; fi
+  echo "==> installing $pkg from PyPI (for $cmd)"
+  ensure_cmd python3 python3
+  if ! python3 -m pip --version >/dev/null 2>&1; then ensure_cmd pip3 python3-pip; fi
+  python3 -m pip install -q "$pkg" 2>/dev/null \
+    || python3 -m pip install -q --user "$pkg" 2>/dev/null \
+    || python3 -m pip install -q --user --break-system-packages "$pkg"
+  hash -r
+  command -v "$cmd" >/dev/null 2>&1 || { echo "$cmd still missing after installing $pkg" >&2; return 1; }
+}
