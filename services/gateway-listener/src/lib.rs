@@ -4,15 +4,53 @@
 //! the `ROOMS` stream (`rooms.<guild>.<room>.<kind>`), its connection state on
 //! `gateway.<shard>.status` and operator alerts on `ops.alerts.gateway-listener`.
 //!
-//! ## Layout
-//! - [`Settings`]: the common sections plus `discord` (token, REST base).
-//! - [`Application`]: build (connect NATS, ensure the stream, bind HTTP) and run until stopped.
+//! This service owns the gateway connection loop (rather than serenity's shard runner, whose
+//! reconnection policy cannot be changed from outside; see docs/GATEWAY.md) and uses serenity's
+//! model types to decode Discord's payloads.
 //!
-//! The gateway connection loop, voice-state cache and failover arrive with the gateway-listener
-//! issue; this crate is already a complete service skeleton: settings, NATS, health, metrics and
-//! graceful shutdown.
+//! ```text
+//! Discord ──ws──▶ connection (state machine, heartbeats, resume/identify, backoff)
+//!                   │ VoiceCache: join / leave / move / flags; GUILD_CREATE diff
+//!                   ▼ bounded queue (one batch per dispatch)
+//!                 publisher ──JetStream (Nats-Msg-Id = <session>:<seq>:<part>)──▶ ROOMS
+//!                   │ shadow cache + acked seq
+//!                   ▼
+//!                 lease (KV): who holds the shard; session checkpoint for the standby
+//! ```
+//!
+//! ## Layout
+//! - [`config`]: the `gateway` settings section and the backoff schedule.
+//! - [`protocol`]: gateway opcodes, payload envelope, close-code policy.
+//! - [`discord`]: serenity model types → our voice updates and channel changes.
+//! - [`cache`]: the voice-state cache and the convergence diff (pure, unit tested).
+//! - [`connection`]: the connection loop and its state machine, status and alerts.
+//! - [`publisher`]: ordered, pipelined, retried JetStream publishing and the checkpoint.
+//! - [`lease`]: the shard lease and checkpoint in JetStream KV.
+//! - [`metrics`]: the `voicerooms_gateway_*` metrics.
+//! - [`Application`]: it builds (connect NATS, ensure the stream, bind HTTP, start the supervisor)
+//!   and run until stopped.
+
+pub mod cache;
+pub mod config;
+pub mod connection;
+pub mod discord;
+pub mod lease;
+pub mod metrics;
+pub mod protocol;
+pub mod publisher;
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use voicerooms_contract::status::GatewayState;
+use voicerooms_platform::settings::Secret;
+
+pub use config::GatewayConfig;
+use connection::{Gateway, Health, Reporter};
+use lease::{Lease, LeaseError};
+use publisher::{Shadow, SharedShadow};
 
 use serde::{Deserialize, Serialize};
 use voicerooms_platform::settings::{self, CheckSettings, CommonSettings, DiscordSettings};
@@ -28,11 +66,13 @@ pub const DEFAULT_PORT: u16 = 8081;
 #[serde(default)]
 pub struct GatewaySettings {
     pub discord: DiscordSettings,
+    pub gateway: GatewayConfig,
 }
 
 impl CheckSettings for GatewaySettings {
     fn check(&self) -> Result<(), SettingsError> {
-        self.discord.check()
+        self.discord.check()?;
+        self.gateway.check()
     }
 }
 
@@ -46,20 +86,60 @@ pub fn load_settings() -> Result<Settings, SettingsError> {
 /// The built service.
 pub struct Application {
     service: Service,
+    health: Arc<Health>,
 }
 
 impl Application {
     /// Connects to NATS (retrying in the background), ensures the ROOMS stream, binds HTTP.
+    ///
+    /// Without a Discord token the gateway stays off (logged); with one, a supervisor task takes
+    /// the shard's lease (or waits as a standby) and runs the connection loop.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let builder = ServiceBuilder::new(SERVICE, &settings.common).await?;
+        let mut builder = ServiceBuilder::new(SERVICE, &settings.common).await?;
+        let gw = settings.service.gateway.clone();
         tracing::info!(
             discord_api = %settings.service.discord.api_base,
             discord_token_set = settings.service.discord.token.is_some(),
+            shard = gw.shard_id,
+            shard_count = gw.shard_count,
             "configured"
         );
-        let stream_check = builder.ensure_rooms_stream();
-        let service = builder.start(vec![stream_check], |_| {})?;
-        Ok(Self { service })
+        let metrics = metrics::Metrics::default();
+        metrics.register(builder.registry_mut());
+        let health = Arc::new(Health::default());
+        let mut checks = vec![builder.ensure_rooms_stream()];
+        match settings.service.discord.token.clone() {
+            None => tracing::warn!("no discord.token configured: the gateway connection is off"),
+            Some(token) => {
+                let report = Reporter {
+                    nats: builder.nats().clone(),
+                    metrics,
+                    health: health.clone(),
+                    instance: builder.instance().to_owned(),
+                    shard: gw.shard_id,
+                    shard_count: gw.shard_count,
+                };
+                let sup = Supervisor {
+                    config: gw,
+                    token,
+                    api_base: settings.service.discord.api_base.clone(),
+                    replicas: settings.common.nats.replicas,
+                    report,
+                    tasks: builder.tasks().clone(),
+                };
+                let shutdown = builder.shutdown_token();
+                builder.tasks().spawn(sup.run(shutdown));
+                let h = health.clone();
+                checks.push(("gateway", Box::new(move || h.ready())));
+            }
+        }
+        let service = builder.start(checks, |_| {})?;
+        Ok(Self { service, health })
+    }
+
+    /// The gateway's current state (tests, diagnostics).
+    pub fn gateway_state(&self) -> GatewayState {
+        self.health.state()
     }
 
     /// The bound HTTP port.
@@ -70,5 +150,167 @@ impl Application {
     /// Runs until `shutdown` resolves, then stops gracefully.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.service.run_until_stopped(shutdown).await
+    }
+}
+
+/// Holds the shard's lease (or waits for it) and runs the gateway while holding it.
+struct Supervisor {
+    config: GatewayConfig,
+    token: Secret,
+    api_base: String,
+    replicas: usize,
+    report: Reporter,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Supervisor {
+    async fn run(self, shutdown: CancellationToken) {
+        let js = async_nats::jetstream::new(self.report.nats.clone());
+        let renew_every = Duration::from_millis(self.config.lease_renew_ms);
+        let mut lease = loop {
+            match Lease::open(
+                &js,
+                &self.config.lease_bucket,
+                self.config.shard_id,
+                self.config.shard_count,
+                &self.report.instance,
+                Duration::from_millis(self.config.lease_ttl_ms),
+                self.replicas,
+            )
+            .await
+            {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "lease bucket not ready; retrying")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(renew_every) => {}
+            }
+        };
+        loop {
+            // Standby until the lease is ours.
+            let mut announced = false;
+            loop {
+                match lease.try_acquire().await {
+                    Ok(true) => break,
+                    Ok(false) if !announced => {
+                        announced = true;
+                        self.report
+                            .state(
+                                GatewayState::Standby,
+                                false,
+                                Some("another replica holds the shard".into()),
+                            )
+                            .await;
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "lease not acquired"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(renew_every) => {}
+                }
+            }
+            tracing::info!(instance = %self.report.instance, "shard lease acquired");
+            let checkpoint = lease.load_checkpoint().await;
+            let shadow: SharedShadow = Arc::new(Mutex::new(Shadow::default()));
+            let (tx, rx) = tokio::sync::mpsc::channel(self.config.publish_buffer);
+            let mut gateway = Gateway::new(
+                self.config.clone(),
+                self.token.clone(),
+                self.api_base.clone(),
+                self.report.clone(),
+                tx,
+            );
+            if let Some(c) = checkpoint {
+                if let Ok(mut s) = shadow.lock() {
+                    s.cache = cache::VoiceCache::from_snapshot(c.voice.clone());
+                    s.session = c.session.clone();
+                    s.seq = c.seq;
+                }
+                gateway.restore(c);
+            }
+            let publisher_stop = CancellationToken::new();
+            let publisher = self.tasks.spawn(publisher::run(
+                async_nats::jetstream::new(self.report.nats.clone()),
+                rx,
+                self.config.publish_window,
+                shadow.clone(),
+                self.report.metrics.clone(),
+                publisher_stop.clone(),
+            ));
+            let term = shutdown.child_token();
+            let renewer = self
+                .tasks
+                .spawn(renew(lease, shadow.clone(), renew_every, term.clone()));
+            let fatal = gateway.run(&term).await;
+            if let Err(e) = &fatal {
+                tracing::error!(error = %e, "gateway stopped");
+                // Keep the lease (a standby would fail the same way) until shutdown.
+                shutdown.cancelled().await;
+            }
+            term.cancel();
+            drop(gateway); // closes the queue: the publisher drains it and ends
+            publisher_stop.cancel();
+            let _ = publisher.await;
+            let Ok(mut returned) = renewer.await else {
+                return;
+            };
+            if shutdown.is_cancelled() {
+                let checkpoint = shadow.lock().ok().map(|s| s.checkpoint());
+                if let Some(c) = checkpoint {
+                    if let Err(e) = returned.save_checkpoint(&c).await {
+                        tracing::warn!(error = %e, "final checkpoint not saved");
+                    }
+                }
+                returned.release().await;
+                tracing::info!("shard lease released");
+                return;
+            }
+            tracing::warn!("shard lease lost to another replica; back to standby");
+            lease = returned;
+        }
+    }
+}
+
+/// Renews the lease and writes the checkpoint while `term` runs; cancels `term` when the lease
+/// is lost. Returns the lease for release or re-acquisition.
+async fn renew(
+    mut lease: Lease,
+    shadow: SharedShadow,
+    every: Duration,
+    term: CancellationToken,
+) -> Lease {
+    loop {
+        tokio::select! {
+            _ = term.cancelled() => return lease,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match lease.renew().await {
+            Ok(()) => {}
+            Err(LeaseError::Lost) => {
+                tracing::error!("another replica took the shard lease; closing our connection");
+                term.cancel();
+                return lease;
+            }
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+        }
+        let checkpoint = match shadow.lock() {
+            Ok(mut s) if s.dirty => {
+                s.dirty = false;
+                Some(s.checkpoint())
+            }
+            _ => None,
+        };
+        if let Some(c) = checkpoint {
+            if let Err(e) = lease.save_checkpoint(&c).await {
+                tracing::warn!(error = %e, "session checkpoint not saved");
+                if let Ok(mut s) = shadow.lock() {
+                    s.dirty = true;
+                }
+            }
+        }
     }
 }

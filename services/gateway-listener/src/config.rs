@@ -1,0 +1,165 @@
+//! The `gateway` settings section (`VOICEROOMS__GATEWAY__*`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use voicerooms_platform::SettingsError;
+
+/// How the listener connects to Discord, backs off, buffers and shares its shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// This replica's shard id (0-based).
+    pub shard_id: u32,
+    /// Total shards of the bot.
+    pub shard_count: u32,
+    /// Gateway URL override; empty = ask `GET /gateway/bot` on `discord.api_base`.
+    pub url: String,
+    /// First retry delay after a failed attempt (ms); doubles per consecutive failure.
+    pub backoff_base_ms: u64,
+    /// Longest retry delay (ms).
+    pub backoff_max_ms: u64,
+    /// Consecutive failed attempts that raise the `gateway_reconnect_failing` alert and make
+    /// the service unready.
+    pub alert_after_failures: u32,
+    /// Time allowed for the websocket handshake and for HELLO (ms).
+    pub connect_timeout_ms: u64,
+    /// Normalized events buffered between the gateway and JetStream. When full, the listener
+    /// stops reading the gateway (Discord buffers and replays on resume).
+    pub publish_buffer: usize,
+    /// Publishes in flight at once (pipelined JetStream acks).
+    pub publish_window: usize,
+    /// Largest gateway payload accepted (bytes); larger frames are rejected and logged.
+    pub max_frame_bytes: usize,
+    /// JetStream KV bucket holding the shard leases and session checkpoints.
+    pub lease_bucket: String,
+    /// A lease not renewed for this long may be taken by a standby (ms).
+    pub lease_ttl_ms: u64,
+    /// How often the holder renews its lease and writes its session checkpoint (ms).
+    pub lease_renew_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            shard_id: 0,
+            shard_count: 1,
+            url: String::new(),
+            backoff_base_ms: 1_000,
+            backoff_max_ms: 16_000,
+            alert_after_failures: 5,
+            connect_timeout_ms: 10_000,
+            publish_buffer: 10_000,
+            publish_window: 256,
+            max_frame_bytes: 16 << 20,
+            lease_bucket: "gateway_leases".into(),
+            lease_ttl_ms: 6_000,
+            lease_renew_ms: 1_000,
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn check(&self) -> Result<(), SettingsError> {
+        if self.shard_count == 0 || self.shard_id >= self.shard_count {
+            return Err(SettingsError::invalid(
+                "gateway.shard_id",
+                "must be below gateway.shard_count (which must be at least 1)",
+            ));
+        }
+        if !(self.url.is_empty() || self.url.starts_with("ws://") || self.url.starts_with("wss://"))
+        {
+            return Err(SettingsError::invalid(
+                "gateway.url",
+                "must start with ws:// or wss://",
+            ));
+        }
+        if self.backoff_base_ms == 0 || self.backoff_max_ms < self.backoff_base_ms {
+            return Err(SettingsError::invalid(
+                "gateway.backoff_max_ms",
+                "backoff_base_ms must be > 0 and <= backoff_max_ms",
+            ));
+        }
+        if self.alert_after_failures == 0 {
+            return Err(SettingsError::invalid(
+                "gateway.alert_after_failures",
+                "must be at least 1",
+            ));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(SettingsError::invalid(
+                "gateway.connect_timeout_ms",
+                "must be > 0",
+            ));
+        }
+        if self.publish_buffer == 0 || self.publish_window == 0 || self.publish_window > 4096 {
+            return Err(SettingsError::invalid(
+                "gateway.publish_window",
+                "publish_buffer must be > 0 and publish_window 1-4096",
+            ));
+        }
+        if self.max_frame_bytes < 4096 {
+            return Err(SettingsError::invalid(
+                "gateway.max_frame_bytes",
+                "must be at least 4096",
+            ));
+        }
+        let bucket_ok = !self.lease_bucket.is_empty()
+            && self.lease_bucket.len() <= 64
+            && self
+                .lease_bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !bucket_ok {
+            return Err(SettingsError::invalid(
+                "gateway.lease_bucket",
+                "1-64 of [A-Za-z0-9_-]",
+            ));
+        }
+        if self.lease_renew_ms == 0 || self.lease_ttl_ms < 2 * self.lease_renew_ms {
+            return Err(SettingsError::invalid(
+                "gateway.lease_ttl_ms",
+                "must be at least twice gateway.lease_renew_ms (> 0)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The delay before attempt number `failures + 1`: 0 after a success, then base × 2^(n-1)
+    /// capped at the maximum (1, 2, 4, 8, 16 s by default).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u64 << (failures - 1).min(20);
+        Duration::from_millis(
+            self.backoff_base_ms
+                .saturating_mul(factor)
+                .min(self.backoff_max_ms),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_and_stays_at_sixteen() {
+        let c = GatewayConfig::default();
+        let delays: Vec<u64> = (0..8).map(|n| c.backoff(n).as_secs()).collect();
+        assert_eq!(delays, vec![0, 1, 2, 4, 8, 16, 16, 16]);
+        assert_eq!(c.backoff(u32::MAX).as_secs(), 16);
+    }
+
+    #[test]
+    fn a_shard_id_beyond_the_count_is_rejected() {
+        let c = GatewayConfig {
+            shard_id: 2,
+            shard_count: 2,
+            ..Default::default()
+        };
+        assert!(c.check().is_err());
+        assert!(GatewayConfig::default().check().is_ok());
+    }
+}

@@ -1,0 +1,804 @@
+//! The gateway connection loop: our reconnection policy over one websocket at a time.
+//!
+//! ```text
+//!            ┌──────────── backoff 1,2,4,8,16 s after failed attempts ─────────────┐
+//!            ▼                                                                     │
+//! disconnected → connecting ─HELLO─▶ identifying ─READY──▶ connected ─close/op7/op9/zombie─▶ reconnecting
+//!                            └─────▶ resuming ───RESUMED─┘          (fatal close → stopped)
+//! ```
+//!
+//! - HELLO: first heartbeat after `interval × random(0..1)`, then one per interval. A heartbeat
+//!   still unacknowledged when the next is due marks the connection zombied: we close with 4000
+//!   (never 1000/1001, which would end the session) and resume.
+//! - Resume on `resume_gateway_url` after op 7, op 9 `true`, a resumable close or a drop; a new
+//!   IDENTIFY on the cached gateway URL after op 9 `false`, 4007 or 4009; identifies are spaced by
+//!   `max_concurrency` per 5 s. 4004 and 4010–4014 stop the loop with an operator alert.
+//! - An attempt succeeds at READY or RESUMED; that resets the failure count. After
+//!   `alert_after_failures` consecutive failures: an error log, a critical alert, readiness off —
+//!   and retries continue at the cap.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use voicerooms_contract::event::{ChannelDeleted, ChannelUpdated, Event};
+use voicerooms_contract::status::{GatewayState, GatewayStatus, OperatorAlert, Severity};
+use voicerooms_contract::{now_ms, wire, Millis, RoomEvent};
+use voicerooms_platform::settings::Secret;
+
+use crate::cache::{Change, VoiceCache};
+use crate::config::GatewayConfig;
+use crate::discord;
+use crate::metrics::Metrics;
+use crate::protocol::{self, op, NextStep};
+use crate::publisher::{Batch, Checkpoint, SessionInfo};
+
+/// Code of the alert raised after too many failed attempts.
+pub const ALERT_RECONNECT_FAILING: &str = "gateway_reconnect_failing";
+/// Code of the alert raised on a fatal close.
+pub const ALERT_FATAL_CLOSE: &str = "gateway_fatal_close";
+
+/// Why the loop stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("Discord closed the gateway with {code}: {reason}; not reconnecting")]
+    Fatal { code: u16, reason: &'static str },
+}
+
+/// Health shared with the readiness check and the lease supervisor.
+#[derive(Debug, Default)]
+pub struct Health {
+    state: AtomicU8,
+    failures: AtomicU32,
+    established: AtomicBool,
+    alerting: AtomicBool,
+}
+
+impl Health {
+    pub fn state(&self) -> GatewayState {
+        GatewayState::ALL
+            .get(self.state.load(Ordering::Relaxed) as usize)
+            .copied()
+            .unwrap_or(GatewayState::Disconnected)
+    }
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+    /// Ready: a standby, or a session that has been established and is not failing or stopped.
+    pub fn ready(&self) -> Result<(), String> {
+        match self.state() {
+            GatewayState::Standby => Ok(()),
+            GatewayState::Stopped => Err("gateway stopped after a fatal close".into()),
+            _ if self.alerting.load(Ordering::Relaxed) => Err(format!(
+                "{} consecutive failed gateway connection attempts",
+                self.failures()
+            )),
+            _ if !self.established.load(Ordering::Relaxed) => {
+                Err("gateway session not yet established".into())
+            }
+            _ => Ok(()),
+        }
+    }
+    fn set_state(&self, s: GatewayState) {
+        let i = GatewayState::ALL.iter().position(|x| *x == s).unwrap_or(0);
+        self.state.store(i as u8, Ordering::Relaxed);
+    }
+}
+
+/// Everything the loop reports to: metrics, health, NATS status and alerts.
+#[derive(Clone)]
+pub struct Reporter {
+    pub nats: async_nats::Client,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub instance: String,
+    pub shard: u32,
+    pub shard_count: u32,
+}
+
+impl Reporter {
+    pub async fn state(&self, state: GatewayState, resumable: bool, detail: Option<String>) {
+        let attempts = self.health.failures();
+        self.health.set_state(state);
+        self.metrics.set_state(state);
+        tracing::info!(
+            gateway_state = state.as_str(),
+            attempts,
+            resumable,
+            detail = detail.as_deref().unwrap_or(""),
+            "gateway state"
+        );
+        let status = GatewayStatus {
+            v: wire::VERSION,
+            shard: self.shard,
+            shard_count: self.shard_count,
+            state,
+            attempts,
+            resumable,
+            instance: self.instance.clone(),
+            at: now_ms(),
+            detail: detail.map(|d| d.chars().take(400).collect()),
+        };
+        // Core NATS, fire and forget: a status is a snapshot, the next one supersedes it.
+        if let Err(e) = self
+            .nats
+            .publish(status.subject(), status.encode().into())
+            .await
+        {
+            tracing::debug!(error = %e, "status not published");
+        }
+    }
+
+    pub async fn alert(&self, severity: Severity, code: &str, message: String) {
+        let alert = OperatorAlert {
+            v: wire::VERSION,
+            service: crate::SERVICE.into(),
+            instance: self.instance.clone(),
+            severity,
+            code: code.into(),
+            message: message.chars().take(400).collect(),
+            at: now_ms(),
+        };
+        match severity {
+            Severity::Resolved => {
+                tracing::info!(alert = code, message = %alert.message, "alert resolved")
+            }
+            _ => {
+                tracing::error!(alert = code, severity = ?severity, message = %alert.message, "operator alert")
+            }
+        }
+        let Ok(subject) = alert.subject() else { return };
+        if let Err(e) = self.nats.publish(subject, alert.encode().into()).await {
+            tracing::warn!(error = %e, "alert not published");
+        }
+    }
+}
+
+/// The session we can resume.
+#[derive(Debug, Clone)]
+struct Session {
+    info: Arc<SessionInfo>,
+    seq: u64,
+}
+
+/// How one connection ended.
+struct Ended {
+    established: bool,
+    next: NextStep,
+    code: Option<u16>,
+    reason: String,
+}
+
+/// The gateway client for one shard.
+pub struct Gateway {
+    config: GatewayConfig,
+    token: Secret,
+    api_base: String,
+    report: Reporter,
+    publisher: mpsc::Sender<Batch>,
+    cache: VoiceCache,
+    session: Option<Session>,
+    gateway_url: Option<String>,
+    max_concurrency: usize,
+    identifies: VecDeque<Instant>,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    pub fn new(
+        config: GatewayConfig,
+        token: Secret,
+        api_base: String,
+        report: Reporter,
+        publisher: mpsc::Sender<Batch>,
+    ) -> Self {
+        let gateway_url = (!config.url.is_empty()).then(|| config.url.clone());
+        Self {
+            config,
+            token,
+            api_base,
+            report,
+            publisher,
+            cache: VoiceCache::new(),
+            session: None,
+            gateway_url,
+            max_concurrency: 1,
+            identifies: VecDeque::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Starts from a checkpoint left by the previous holder of the shard: its voice states, and
+    /// its session to resume when it has one.
+    pub fn restore(&mut self, checkpoint: Checkpoint) {
+        self.cache = VoiceCache::from_snapshot(checkpoint.voice);
+        self.session = checkpoint.session.map(|info| Session {
+            info: Arc::new(info),
+            seq: checkpoint.seq,
+        });
+        tracing::info!(
+            resumable = self.session.is_some(),
+            seq = checkpoint.seq,
+            voice_states = self.cache.voice_count(),
+            "restored the session checkpoint"
+        );
+    }
+
+    /// Runs until `stop` is cancelled (`Ok`) or Discord closes fatally (`Err`).
+    pub async fn run(&mut self, stop: &CancellationToken) -> Result<(), GatewayError> {
+        let mut failures: u32 = 0;
+        self.report
+            .state(GatewayState::Disconnected, self.session.is_some(), None)
+            .await;
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let delay = self.config.backoff(failures);
+            if !delay.is_zero() {
+                self.report
+                    .state(
+                        GatewayState::Reconnecting,
+                        self.session.is_some(),
+                        Some(format!("retrying in {} ms", delay.as_millis())),
+                    )
+                    .await;
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            self.report
+                .state(GatewayState::Connecting, self.session.is_some(), None)
+                .await;
+            let ended = match self.url().await {
+                Ok(url) => self.connect_once(&url, stop).await,
+                Err((reason, fatal_code)) => Ended {
+                    established: false,
+                    next: if fatal_code.is_some() {
+                        NextStep::Stop
+                    } else {
+                        NextStep::Resume
+                    },
+                    code: fatal_code,
+                    reason,
+                },
+            };
+            if ended.established {
+                failures = 0;
+            } else {
+                failures = failures.saturating_add(1);
+            }
+            self.report
+                .health
+                .failures
+                .store(failures, Ordering::Relaxed);
+            self.report.metrics.attempts.set(i64::from(failures));
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            match ended.next {
+                NextStep::Stop => {
+                    let code = ended.code.unwrap_or(0);
+                    let reason = protocol::fatal_reason(code);
+                    self.report
+                        .state(
+                            GatewayState::Stopped,
+                            false,
+                            Some(format!("close {code}: {reason}")),
+                        )
+                        .await;
+                    self.report
+                        .alert(
+                            Severity::Critical,
+                            ALERT_FATAL_CLOSE,
+                            format!("Discord closed the gateway with {code} ({reason}); not reconnecting until restarted"),
+                        )
+                        .await;
+                    return Err(GatewayError::Fatal { code, reason });
+                }
+                NextStep::Reidentify => self.session = None,
+                NextStep::Resume => {}
+            }
+            let alerting = self.report.health.alerting.load(Ordering::Relaxed);
+            if failures >= self.config.alert_after_failures && !alerting {
+                self.report.health.alerting.store(true, Ordering::Relaxed);
+                self.report
+                    .alert(
+                        Severity::Critical,
+                        ALERT_RECONNECT_FAILING,
+                        format!(
+                            "{failures} consecutive gateway connection attempts failed (last: {}); retrying every {} s",
+                            ended.reason,
+                            self.config.backoff_max_ms / 1000
+                        ),
+                    )
+                    .await;
+            } else if failures == 0 && alerting {
+                self.report.health.alerting.store(false, Ordering::Relaxed);
+                self.report
+                    .alert(
+                        Severity::Resolved,
+                        ALERT_RECONNECT_FAILING,
+                        "gateway connection re-established".into(),
+                    )
+                    .await;
+            }
+            tracing::warn!(
+                code = ended.code,
+                reason = %ended.reason,
+                established = ended.established,
+                failures,
+                next = ?ended.next,
+                "gateway connection ended"
+            );
+        }
+    }
+
+    /// Where to connect: the resume URL of our session, else the cached gateway URL (fetched once
+    /// from `GET /gateway/bot`, which also gives `max_concurrency`).
+    /// An error carries the reason and, for a rejected token (HTTP 401), the close code Discord
+    /// would give an IDENTIFY with it (4004): retrying cannot help.
+    async fn url(&mut self) -> Result<String, (String, Option<u16>)> {
+        if let Some(s) = &self.session {
+            return Ok(protocol::connect_url(&s.info.resume_url));
+        }
+        if self.gateway_url.is_none() || self.max_concurrency == 0 {
+            let url = format!("{}/gateway/bot", self.api_base.trim_end_matches('/'));
+            let resp = self
+                .http
+                .get(&url)
+                .header("Authorization", format!("Bot {}", self.token.expose()))
+                .send()
+                .await
+                .map_err(|e| (format!("GET /gateway/bot: {}", e.without_url()), None))?;
+            let status = resp.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                return Err(("GET /gateway/bot: HTTP 401".into(), Some(4004)));
+            }
+            if !status.is_success() {
+                return Err((format!("GET /gateway/bot: HTTP {status}"), None));
+            }
+            let bot: protocol::GatewayBot = resp
+                .json()
+                .await
+                .map_err(|e| (format!("GET /gateway/bot: {}", e.without_url()), None))?;
+            if let Some(limit) = &bot.session_start_limit {
+                self.max_concurrency = limit.max_concurrency.clamp(1, 1024) as usize;
+                tracing::info!(
+                    remaining = limit.remaining,
+                    reset_after_ms = limit.reset_after,
+                    max_concurrency = limit.max_concurrency,
+                    "session start limit"
+                );
+            }
+            if self.gateway_url.is_none() {
+                self.gateway_url = Some(bot.url);
+            }
+        }
+        Ok(protocol::connect_url(
+            self.gateway_url.as_deref().unwrap_or_default(),
+        ))
+    }
+
+    /// Waits until an IDENTIFY fits in `max_concurrency` per 5 s.
+    async fn identify_slot(&mut self, stop: &CancellationToken) {
+        let window = Duration::from_secs(5);
+        loop {
+            let now = Instant::now();
+            while self
+                .identifies
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= window)
+            {
+                self.identifies.pop_front();
+            }
+            if self.identifies.len() < self.max_concurrency.max(1) {
+                self.identifies.push_back(now);
+                return;
+            }
+            let until = self.identifies.front().map(|t| *t + window).unwrap_or(now);
+            tracing::info!(
+                wait_ms = until.saturating_duration_since(now).as_millis() as u64,
+                "waiting for an identify slot"
+            );
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
+    }
+
+    async fn connect_once(&mut self, url: &str, stop: &CancellationToken) -> Ended {
+        let fail = |reason: String| Ended {
+            established: false,
+            next: NextStep::Resume,
+            code: None,
+            reason,
+        };
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let ws_config = WebSocketConfig {
+            max_message_size: Some(self.config.max_frame_bytes),
+            max_frame_size: Some(self.config.max_frame_bytes),
+            ..Default::default()
+        };
+        let connect = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), false);
+        let ws = tokio::select! {
+            _ = stop.cancelled() => return fail("shutdown".into()),
+            r = tokio::time::timeout(timeout, connect) => match r {
+                Ok(Ok((ws, _))) => ws,
+                Ok(Err(e)) => return fail(format!("connect: {e}")),
+                Err(_) => return fail("connect: timed out".into()),
+            },
+        };
+        let (mut sink, mut stream) = ws.split();
+
+        // HELLO
+        let hello = tokio::select! {
+            _ = stop.cancelled() => return fail("shutdown".into()),
+            r = tokio::time::timeout(timeout, stream.next()) => r,
+        };
+        let interval = match hello {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                match protocol::decode(&t, self.config.max_frame_bytes) {
+                    Ok(f) if f.op == op::HELLO => match f
+                        .d
+                        .map(|d| serde_json::from_str::<protocol::Hello>(d.get()))
+                    {
+                        Some(Ok(h)) => {
+                            Duration::from_millis(h.heartbeat_interval.clamp(50, 600_000))
+                        }
+                        _ => return fail("HELLO without a heartbeat interval".into()),
+                    },
+                    Ok(f) => return fail(format!("expected HELLO, got op {}", f.op)),
+                    Err(e) => return fail(format!("HELLO: {e}")),
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                let code = frame.map(|f| u16::from(f.code));
+                return Ended {
+                    established: false,
+                    next: protocol::after_close(code),
+                    code,
+                    reason: "closed before HELLO".into(),
+                };
+            }
+            Ok(Some(Ok(other))) => {
+                return fail(
+                    format!("expected HELLO, got {other:?}")
+                        .chars()
+                        .take(200)
+                        .collect(),
+                )
+            }
+            Ok(Some(Err(e))) => return fail(format!("before HELLO: {e}")),
+            Ok(None) => return fail("closed before HELLO".into()),
+            Err(_) => return fail("no HELLO in time".into()),
+        };
+        tracing::debug!(heartbeat_interval_ms = interval.as_millis() as u64, "hello");
+
+        // IDENTIFY or RESUME
+        let first = if let Some(s) = &self.session {
+            self.report
+                .state(GatewayState::Resuming, true, Some(format!("seq {}", s.seq)))
+                .await;
+            tracing::info!(session = %s.info.session_id, seq = s.seq, "resuming");
+            protocol::resume(self.token.expose(), &s.info.session_id, s.seq)
+        } else {
+            self.identify_slot(stop).await;
+            self.report
+                .state(GatewayState::Identifying, false, None)
+                .await;
+            self.report.metrics.identifies.inc();
+            protocol::identify(
+                self.token.expose(),
+                [self.config.shard_id, self.config.shard_count],
+            )
+        };
+        if let Err(e) = sink.send(Message::Text(first)).await {
+            return fail(format!("sending identify/resume: {e}"));
+        }
+
+        let jitter: f64 = rand::random::<f64>();
+        let mut next_beat = tokio::time::Instant::now() + interval.mul_f64(jitter);
+        let mut awaiting_ack = false;
+        let mut beat_sent = Instant::now();
+        let mut last_ack = Instant::now();
+        let mut established = false;
+        let mut outbox: VecDeque<Batch> = VecDeque::new();
+        let publisher = self.publisher.clone();
+
+        let ended = loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    // 4000, not 1000: the session stays resumable for whoever takes over.
+                    close(&mut sink, protocol::RESUMABLE_CLOSE, "shutting down").await;
+                    break Ended { established, next: NextStep::Resume, code: None, reason: "shutdown".into() };
+                }
+                _ = tokio::time::sleep_until(next_beat) => {
+                    // While we wait on a full publish queue we do not read, so a missing ACK is
+                    // ours, not Discord's.
+                    if awaiting_ack && outbox.is_empty() {
+                        tracing::warn!(
+                            since_ack_ms = last_ack.elapsed().as_millis() as u64,
+                            "no heartbeat ACK since the last heartbeat: zombied connection"
+                        );
+                        close(&mut sink, protocol::RESUMABLE_CLOSE, "zombied").await;
+                        break Ended { established, next: NextStep::Resume, code: None, reason: "zombied connection (no heartbeat ACK)".into() };
+                    }
+                    let seq = self.session.as_ref().map(|s| s.seq);
+                    if let Err(e) = sink.send(Message::Text(protocol::heartbeat(seq))).await {
+                        break Ended { established, next: NextStep::Resume, code: None, reason: format!("sending heartbeat: {e}") };
+                    }
+                    awaiting_ack = true;
+                    beat_sent = Instant::now();
+                    self.report.metrics.last_ack_age.set(last_ack.elapsed().as_secs_f64());
+                    next_beat += interval;
+                }
+                permit = publisher.reserve(), if !outbox.is_empty() => {
+                    match (permit, outbox.pop_front()) {
+                        (Ok(p), Some(b)) => p.send(b),
+                        _ => break Ended { established, next: NextStep::Resume, code: None, reason: "publisher stopped".into() },
+                    }
+                    self.report.metrics.queue_depth.set((publisher.max_capacity() - publisher.capacity()) as i64);
+                }
+                msg = stream.next(), if outbox.is_empty() => {
+                    let received_at = now_ms();
+                    let text = match msg {
+                        None => break Ended { established, next: protocol::after_close(None), code: None, reason: "connection dropped".into() },
+                        Some(Err(e)) => break Ended { established, next: protocol::after_close(None), code: None, reason: format!("connection error: {e}") },
+                        Some(Ok(Message::Close(frame))) => {
+                            let code = frame.as_ref().map(|f| u16::from(f.code));
+                            let reason = frame.map(|f| f.reason.chars().take(200).collect::<String>()).unwrap_or_default();
+                            break Ended { established, next: protocol::after_close(code), code, reason: format!("closed by Discord: {reason}") };
+                        }
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Binary(_))) => {
+                            self.report.metrics.events_rejected.inc();
+                            tracing::warn!(error = %protocol::ProtocolError::Binary, "gateway payload rejected");
+                            continue;
+                        }
+                        Some(Ok(_)) => continue,
+                    };
+                    let frame = match protocol::decode(&text, self.config.max_frame_bytes) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            self.report.metrics.events_rejected.inc();
+                            tracing::warn!(error = %e, "gateway payload rejected");
+                            continue;
+                        }
+                    };
+                    match frame.op {
+                        op::DISPATCH => {
+                            self.report.metrics.events_in.inc();
+                            let t = frame.t.unwrap_or("");
+                            let seq = frame.s.unwrap_or(0);
+                            match t {
+                                "READY" => match frame.d.map(|d| serde_json::from_str::<protocol::ReadyInfo>(d.get())) {
+                                    Some(Ok(ready)) => {
+                                        tracing::info!(event = t, seq, session = %ready.session_id, guilds = ready.guilds.len(), "READY");
+                                        self.session = Some(Session {
+                                            info: Arc::new(SessionInfo { session_id: ready.session_id, resume_url: ready.resume_gateway_url }),
+                                            seq,
+                                        });
+                                        established = true;
+                                        self.report.health.established.store(true, Ordering::Relaxed);
+                                        self.report.state(GatewayState::Connected, true, Some("identified".into())).await;
+                                    }
+                                    _ => {
+                                        self.report.metrics.events_rejected.inc();
+                                        tracing::error!(event = t, "READY without a usable session; reconnecting");
+                                        close(&mut sink, protocol::RESUMABLE_CLOSE, "bad READY").await;
+                                        break Ended { established, next: NextStep::Reidentify, code: None, reason: "bad READY".into() };
+                                    }
+                                },
+                                "RESUMED" => {
+                                    tracing::info!(event = t, seq, "RESUMED");
+                                    established = true;
+                                    self.report.health.established.store(true, Ordering::Relaxed);
+                                    self.report.metrics.resumes.inc();
+                                    self.report.state(GatewayState::Connected, true, Some("resumed".into())).await;
+                                }
+                                _ => {}
+                            }
+                            let Some(session) = self.session.as_mut() else { continue };
+                            if frame.s.is_some() {
+                                session.seq = seq;
+                            }
+                            let info = session.info.clone();
+                            let events = {
+                                let span = tracing::info_span!("gateway.dispatch", event = t, seq);
+                                let _enter = span.enter();
+                                let changes = self.dispatch(t, seq, frame.d);
+                                build_events(&info.session_id, seq, received_at, changes)
+                            };
+                            outbox.push_back(Batch { session: info, seq, events });
+                        }
+                        op::HEARTBEAT => {
+                            let seq = self.session.as_ref().map(|s| s.seq);
+                            if let Err(e) = sink.send(Message::Text(protocol::heartbeat(seq))).await {
+                                break Ended { established, next: NextStep::Resume, code: None, reason: format!("sending heartbeat: {e}") };
+                            }
+                            awaiting_ack = true;
+                            beat_sent = Instant::now();
+                        }
+                        op::HEARTBEAT_ACK => {
+                            if awaiting_ack {
+                                self.report.metrics.heartbeat_rtt.observe(beat_sent.elapsed().as_secs_f64());
+                            }
+                            awaiting_ack = false;
+                            last_ack = Instant::now();
+                            self.report.metrics.last_ack_age.set(0.0);
+                        }
+                        op::RECONNECT => {
+                            tracing::info!(op = frame.op, "Discord asked us to reconnect");
+                            close(&mut sink, protocol::RESUMABLE_CLOSE, "reconnect requested").await;
+                            break Ended { established, next: NextStep::Resume, code: None, reason: "op 7 RECONNECT".into() };
+                        }
+                        op::INVALID_SESSION => {
+                            let resumable = frame.d.is_some_and(|d| d.get().trim() == "true");
+                            tracing::warn!(resumable, "INVALID_SESSION");
+                            close(&mut sink, protocol::RESUMABLE_CLOSE, "invalid session").await;
+                            let next = if resumable && self.session.is_some() { NextStep::Resume } else { NextStep::Reidentify };
+                            break Ended { established, next, code: None, reason: format!("op 9 INVALID_SESSION resumable={resumable}") };
+                        }
+                        other => tracing::debug!(op = other, "ignored gateway opcode"),
+                    }
+                }
+            }
+        };
+        // Whatever was read is handed to the publisher before we reconnect, so the sequence we
+        // resume from never skips an event.
+        for batch in outbox.drain(..) {
+            if self.publisher.send(batch).await.is_err() {
+                tracing::error!("publisher stopped; events of this connection are lost");
+                break;
+            }
+        }
+        ended
+    }
+
+    /// Normalizes one dispatch against the cache.
+    fn dispatch(
+        &mut self,
+        t: &str,
+        seq: u64,
+        d: Option<&serde_json::value::RawValue>,
+    ) -> Vec<(voicerooms_contract::GuildId, Change)> {
+        let rejected = |e: &dyn std::fmt::Display| {
+            tracing::warn!(event = t, seq, error = %e, "gateway dispatch rejected");
+        };
+        match t {
+            "VOICE_STATE_UPDATE" => match discord::voice_state_update(d) {
+                Ok(Some((guild, update))) => {
+                    tracing::info!(
+                        event = t, seq, guild = %guild, user = %update.user_id,
+                        channel = update.channel.map(|c| c.get()),
+                        self_mute = update.flags.self_mute, self_deaf = update.flags.self_deaf,
+                        "voice state"
+                    );
+                    self.cache
+                        .apply(guild, update)
+                        .into_iter()
+                        .map(|c| (guild, c))
+                        .collect()
+                }
+                Ok(None) => vec![],
+                Err(e) => {
+                    self.report.metrics.events_rejected.inc();
+                    rejected(&e);
+                    vec![]
+                }
+            },
+            "GUILD_CREATE" => match discord::guild_create(d) {
+                Ok(g) if g.unavailable => {
+                    tracing::info!(event = t, seq, guild = %g.guild, "guild unavailable");
+                    vec![]
+                }
+                Ok(g) => {
+                    for e in &g.skipped {
+                        self.report.metrics.events_rejected.inc();
+                        rejected(e);
+                    }
+                    let guild = g.guild;
+                    let known = self.cache.knows_guild(guild);
+                    let changes = self.cache.replace_guild(guild, g.members, g.states);
+                    tracing::info!(
+                        event = t, seq, guild = %guild, known, voice_states = self.cache.voice_count(),
+                        converged = changes.len(), "guild available; voice states diffed against the cache"
+                    );
+                    changes.into_iter().map(|c| (guild, c)).collect()
+                }
+                Err(e) => {
+                    self.report.metrics.events_rejected.inc();
+                    rejected(&e);
+                    vec![]
+                }
+            },
+            "CHANNEL_UPDATE" | "CHANNEL_DELETE" => {
+                let name = if t == "CHANNEL_UPDATE" {
+                    "CHANNEL_UPDATE"
+                } else {
+                    "CHANNEL_DELETE"
+                };
+                match discord::voice_channel(name, d) {
+                    Ok(Some(c)) => {
+                        tracing::info!(event = t, seq, guild = %c.guild, channel = %c.channel, "voice channel changed");
+                        let event = if t == "CHANNEL_UPDATE" {
+                            Event::ChannelUpdated(ChannelUpdated {
+                                name: c.name,
+                                user_limit: c.user_limit,
+                            })
+                        } else {
+                            Event::ChannelDeleted(ChannelDeleted {})
+                        };
+                        vec![(
+                            c.guild,
+                            Change {
+                                room: c.channel,
+                                event,
+                            },
+                        )]
+                    }
+                    Ok(None) => vec![],
+                    Err(e) => {
+                        self.report.metrics.events_rejected.inc();
+                        rejected(&e);
+                        vec![]
+                    }
+                }
+            }
+            _ => {
+                tracing::debug!(event = t, seq, "dispatch");
+                vec![]
+            }
+        }
+    }
+}
+
+/// Envelopes with their de-duplication ids: `<session>:<seq>:<part>`. A dispatch replayed after
+/// RESUME gets the same ids, so the stream stores it once.
+fn build_events(
+    session: &str,
+    seq: u64,
+    received_at: Millis,
+    changes: Vec<(voicerooms_contract::GuildId, Change)>,
+) -> Vec<RoomEvent> {
+    let traceparent = voicerooms_platform::telemetry::current_traceparent();
+    changes
+        .into_iter()
+        .enumerate()
+        .map(|(part, (guild, c))| {
+            let mut e = RoomEvent::new(guild, c.room, received_at, c.event);
+            e.id = Some(format!("{session}:{seq}:{part}"));
+            e.traceparent = traceparent.clone();
+            e
+        })
+        .collect()
+}
+
+async fn close<S>(sink: &mut S, code: u16, reason: &'static str)
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        sink.send(Message::Close(Some(frame))),
+    )
+    .await;
+}

@@ -1,0 +1,180 @@
+//! The shard lease: one replica per shard holds the gateway connection; the others wait.
+//!
+//! The lease is a JetStream KV entry `shard-<id>-of-<count>.lease` = `{holder, expires_at}`,
+//! written only by compare-and-set on the entry's revision. The holder renews it every
+//! `lease_renew_ms`; a standby takes it once `expires_at` (wall clock, ms) has passed — within
+//! `lease_ttl_ms` + one poll of the holder dying. Beside it, `shard-<id>-of-<count>.checkpoint`
+//! holds the session checkpoint (session id, resume URL, acknowledged sequence, voice states),
+//! so the new holder resumes the session and classifies the replayed events correctly.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use voicerooms_contract::now_ms;
+
+use crate::publisher::Checkpoint;
+
+/// Largest checkpoint written (NATS' default max payload is 1 MiB).
+pub const MAX_CHECKPOINT_BYTES: usize = 900 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("another replica holds the lease")]
+    Lost,
+    #[error("lease store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LeaseValue {
+    holder: String,
+    expires_at: u64,
+}
+
+pub struct Lease {
+    kv: kv::Store,
+    key: String,
+    checkpoint_key: String,
+    instance: String,
+    ttl: Duration,
+    revision: Option<u64>,
+}
+
+impl Lease {
+    pub async fn open(
+        js: &jetstream::Context,
+        bucket: &str,
+        shard: u32,
+        shard_count: u32,
+        instance: &str,
+        ttl: Duration,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
+        let kv = voicerooms_platform::nats::ensure_kv(js, bucket, 1, replicas).await?;
+        Ok(Self {
+            kv,
+            key: format!("shard-{shard}-of-{shard_count}.lease"),
+            checkpoint_key: format!("shard-{shard}-of-{shard_count}.checkpoint"),
+            instance: instance.to_owned(),
+            ttl,
+            revision: None,
+        })
+    }
+
+    fn value(&self, expires_at: u64) -> Bytes {
+        Bytes::from(
+            serde_json::to_vec(&LeaseValue {
+                holder: self.instance.clone(),
+                expires_at,
+            })
+            .unwrap_or_default(),
+        )
+    }
+
+    /// Takes the lease if it is free, expired or already ours. `Ok(false)`: someone else has it.
+    pub async fn try_acquire(&mut self) -> Result<bool, LeaseError> {
+        let unavailable = |e: &dyn std::fmt::Display| LeaseError::Unavailable(e.to_string());
+        let entry = self
+            .kv
+            .entry(self.key.clone())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let value = self.value(now_ms() + self.ttl.as_millis() as u64);
+        let result = match entry {
+            None => self
+                .kv
+                .create(&self.key, value)
+                .await
+                .map_err(|e| e.to_string()),
+            Some(entry) => {
+                let current: Option<LeaseValue> = serde_json::from_slice(&entry.value).ok();
+                let free = match &current {
+                    Some(v) => v.holder == self.instance || v.expires_at <= now_ms(),
+                    None => true,
+                };
+                if !free {
+                    return Ok(false);
+                }
+                self.kv
+                    .update(&self.key, value, entry.revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match result {
+            Ok(rev) => {
+                self.revision = Some(rev);
+                Ok(true)
+            }
+            // Lost the race to another replica.
+            Err(e) => {
+                tracing::debug!(error = %e, "lease acquisition raced");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Extends the lease. `Lost` when another replica has taken it meanwhile.
+    pub async fn renew(&mut self) -> Result<(), LeaseError> {
+        let Some(rev) = self.revision else {
+            return Err(LeaseError::Lost);
+        };
+        let value = self.value(now_ms() + self.ttl.as_millis() as u64);
+        match self.kv.update(&self.key, value, rev).await {
+            Ok(rev) => {
+                self.revision = Some(rev);
+                Ok(())
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.revision = None;
+                Err(LeaseError::Lost)
+            }
+            Err(e) => Err(LeaseError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Gives the lease up at once (graceful shutdown), so a standby need not wait for the TTL.
+    pub async fn release(&mut self) {
+        let Some(rev) = self.revision.take() else {
+            return;
+        };
+        if let Err(e) = self.kv.update(&self.key, self.value(0), rev).await {
+            tracing::warn!(error = %e, "could not release the lease; it expires by itself");
+        }
+    }
+
+    pub async fn load_checkpoint(&self) -> Option<Checkpoint> {
+        match self.kv.get(self.checkpoint_key.clone()).await {
+            Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring an unreadable session checkpoint");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the session checkpoint");
+                None
+            }
+        }
+    }
+
+    pub async fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), LeaseError> {
+        let bytes =
+            serde_json::to_vec(checkpoint).map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        if bytes.len() > MAX_CHECKPOINT_BYTES {
+            return Err(LeaseError::Unavailable(format!(
+                "checkpoint of {} bytes exceeds {MAX_CHECKPOINT_BYTES}",
+                bytes.len()
+            )));
+        }
+        self.kv
+            .put(&self.checkpoint_key, Bytes::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| LeaseError::Unavailable(e.to_string()))
+    }
+}
