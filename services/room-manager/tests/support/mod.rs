@@ -101,6 +101,16 @@ pub fn quiet_rooms() -> RoomsSettings {
 
 impl Env {
     pub async fn start(replicas: usize, rooms: RoomsSettings, rate_limits: bool) -> Env {
+        Self::start_with(replicas, rooms, rate_limits, 50).await
+    }
+
+    /// With our own global limit (per second) raised, for tests that make many calls.
+    pub async fn start_with(
+        replicas: usize,
+        rooms: RoomsSettings,
+        rate_limits: bool,
+        global_limit: u16,
+    ) -> Env {
         let nats = NatsServer::start().await;
         let sim = Simulator::start(sim_config(rate_limits))
             .await
@@ -113,7 +123,14 @@ impl Env {
             replicas: Vec::new(),
         };
         for i in 0..replicas {
-            env.add_replica(&format!("rm-{i}"), rooms.clone()).await;
+            let mut s = settings(
+                &env.nats.url(),
+                &env.sim.api_url(),
+                &format!("rm-{i}"),
+                rooms.clone(),
+            );
+            s.service.room_manager.global_rate_limit = global_limit;
+            env.replicas.push(start_replica(s).await);
         }
         env
     }
