@@ -189,6 +189,8 @@ pub struct Gateway {
     max_concurrency: usize,
     identifies: VecDeque<Instant>,
     http: reqwest::Client,
+    /// Consecutive failed attempts.
+    failures: u32,
 }
 
 impl Gateway {
@@ -211,6 +213,7 @@ impl Gateway {
             gateway_url,
             max_concurrency: 1,
             identifies: VecDeque::new(),
+            failures: 0,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -236,7 +239,6 @@ impl Gateway {
 
     /// Runs until `stop` is cancelled (`Ok`) or Discord closes fatally (`Err`).
     pub async fn run(&mut self, stop: &CancellationToken) -> Result<(), GatewayError> {
-        let mut failures: u32 = 0;
         self.report
             .state(GatewayState::Disconnected, self.session.is_some(), None)
             .await;
@@ -244,7 +246,7 @@ impl Gateway {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            let delay = self.config.backoff(failures);
+            let delay = self.config.backoff(self.failures);
             if !delay.is_zero() {
                 self.report
                     .state(
@@ -274,11 +276,10 @@ impl Gateway {
                     reason,
                 },
             };
-            if ended.established {
-                failures = 0;
-            } else {
-                failures = failures.saturating_add(1);
+            if !ended.established {
+                self.failures = self.failures.saturating_add(1);
             }
+            let failures = self.failures;
             self.report
                 .health
                 .failures
@@ -324,15 +325,6 @@ impl Gateway {
                         ),
                     )
                     .await;
-            } else if failures == 0 && alerting {
-                self.report.health.alerting.store(false, Ordering::Relaxed);
-                self.report
-                    .alert(
-                        Severity::Resolved,
-                        ALERT_RECONNECT_FAILING,
-                        "gateway connection re-established".into(),
-                    )
-                    .await;
             }
             tracing::warn!(
                 code = ended.code,
@@ -342,6 +334,26 @@ impl Gateway {
                 next = ?ended.next,
                 "gateway connection ended"
             );
+        }
+    }
+
+    /// A session is up (READY or RESUMED): the failure count resets and a raised alert resolves.
+    async fn on_established(&mut self) {
+        self.failures = 0;
+        self.report.health.failures.store(0, Ordering::Relaxed);
+        self.report
+            .health
+            .established
+            .store(true, Ordering::Relaxed);
+        self.report.metrics.attempts.set(0);
+        if self.report.health.alerting.swap(false, Ordering::Relaxed) {
+            self.report
+                .alert(
+                    Severity::Resolved,
+                    ALERT_RECONNECT_FAILING,
+                    "gateway connection re-established".into(),
+                )
+                .await;
         }
     }
 
@@ -593,7 +605,7 @@ impl Gateway {
                                             seq,
                                         });
                                         established = true;
-                                        self.report.health.established.store(true, Ordering::Relaxed);
+                                        self.on_established().await;
                                         self.report.state(GatewayState::Connected, true, Some("identified".into())).await;
                                     }
                                     _ => {
@@ -606,7 +618,7 @@ impl Gateway {
                                 "RESUMED" => {
                                     tracing::info!(event = t, seq, "RESUMED");
                                     established = true;
-                                    self.report.health.established.store(true, Ordering::Relaxed);
+                                    self.on_established().await;
                                     self.report.metrics.resumes.inc();
                                     self.report.state(GatewayState::Connected, true, Some("resumed".into())).await;
                                 }

@@ -277,25 +277,37 @@ impl Supervisor {
 
 /// Renews the lease and writes the checkpoint while `term` runs; cancels `term` when the lease
 /// is lost. Returns the lease for release or re-acquisition.
+///
+/// The checkpoint is written as soon as the publisher reports progress (at most every
+/// [`CHECKPOINT_MIN_INTERVAL`]), so a standby that takes over finds a session to resume even if
+/// the holder died a moment after identifying.
 async fn renew(
     mut lease: Lease,
     shadow: SharedShadow,
     every: Duration,
     term: CancellationToken,
 ) -> Lease {
+    let changed = match shadow.lock() {
+        Ok(s) => s.changed.clone(),
+        Err(_) => Arc::new(tokio::sync::Notify::new()),
+    };
+    let mut next_renewal = tokio::time::Instant::now() + every;
     loop {
         tokio::select! {
             _ = term.cancelled() => return lease,
-            _ = tokio::time::sleep(every) => {}
-        }
-        match lease.renew().await {
-            Ok(()) => {}
-            Err(LeaseError::Lost) => {
-                tracing::error!("another replica took the shard lease; closing our connection");
-                term.cancel();
-                return lease;
+            _ = tokio::time::sleep_until(next_renewal) => {
+                next_renewal += every;
+                match lease.renew().await {
+                    Ok(()) => {}
+                    Err(LeaseError::Lost) => {
+                        tracing::error!("another replica took the shard lease; closing our connection");
+                        term.cancel();
+                        return lease;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+            _ = changed.notified() => {}
         }
         let checkpoint = match shadow.lock() {
             Ok(mut s) if s.dirty => {
@@ -311,6 +323,13 @@ async fn renew(
                     s.dirty = true;
                 }
             }
+            tokio::select! {
+                _ = term.cancelled() => return lease,
+                _ = tokio::time::sleep(CHECKPOINT_MIN_INTERVAL) => {}
+            }
         }
     }
 }
+
+/// Shortest time between two checkpoint writes (bounds KV writes under load).
+pub const CHECKPOINT_MIN_INTERVAL: Duration = Duration::from_millis(100);

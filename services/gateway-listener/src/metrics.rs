@@ -13,6 +13,8 @@ use voicerooms_contract::status::GatewayState;
 pub struct Metrics {
     /// 1 for the current state, 0 for the others.
     pub state: Family<Vec<(String, String)>, Gauge>,
+    /// 1 while this replica holds a connected session (0 on a standby).
+    pub connected: Gauge,
     /// Consecutive failed connection attempts.
     pub attempts: Gauge,
     pub resumes: Counter,
@@ -38,6 +40,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             state: Family::default(),
+            connected: Gauge::default(),
             attempts: Gauge::default(),
             resumes: Counter::default(),
             identifies: Counter::default(),
@@ -56,6 +59,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "gateway_connected",
+            "1 while this replica holds a connected gateway session",
+            self.connected.clone(),
+        );
         r.register(
             "gateway_state",
             "Gateway connection state (1 = current)",
@@ -120,6 +128,8 @@ impl Metrics {
     }
 
     pub fn set_state(&self, state: GatewayState) {
+        self.connected
+            .set(i64::from(state == GatewayState::Connected));
         for s in GatewayState::ALL {
             self.state
                 .get_or_create(&vec![("state".to_owned(), s.as_str().to_owned())])

@@ -57,6 +57,8 @@ pub struct Shadow {
     pub seq: u64,
     /// Changed since the last checkpoint was written.
     pub dirty: bool,
+    /// Wakes the checkpoint writer when `dirty` becomes true.
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 impl Shadow {
@@ -236,4 +238,5 @@ fn advance_shadow(shadow: &SharedShadow, batches: &[Batch]) {
         s.seq = b.seq;
         s.dirty = true;
     }
+    s.changed.notify_one();
 }

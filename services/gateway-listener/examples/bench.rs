@@ -1,0 +1,141 @@
+//! Benchmark (not a test): simulator dispatch → JetStream-stored event, through the real
+//! gateway-listener, a private nats-server (file storage) and the simulator on loopback.
+//!
+//! ```sh
+//! cargo run --release -p gateway-listener --example bench -- [rate_per_sec] [events]
+//! cargo run --release -p gateway-listener --example bench -- 1000 10000   # paced
+//! cargo run --release -p gateway-listener --example bench -- 0 200000     # saturation
+//! ```
+//!
+//! Each voice change is made through the simulator's control API (which enqueues the
+//! VOICE_STATE_UPDATE dispatch on the gateway socket) and timed until the stored event comes
+//! back on the stream's republish subject `live.rooms.>` — so latencies include one extra hop
+//! (republish delivery) beyond the JetStream ack. Events arrive in order, so the i-th message
+//! belongs to the i-th change.
+
+use std::time::{Duration, Instant};
+
+use discord_sim::{seed, SimConfig, Simulator};
+use futures::StreamExt;
+use gateway_listener::{Application, GatewayConfig, GatewaySettings, Settings};
+use voicerooms_platform::settings::{CommonSettings, DiscordSettings, Secret};
+use voicerooms_testkit::NatsServer;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let rate: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let total: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    // Changes in flight at most (saturation mode), below the simulator's socket queue.
+    let window: usize = 4_000;
+
+    let nats = NatsServer::start().await;
+    let sim = Simulator::start(SimConfig {
+        heartbeat_interval: Duration::from_secs(30),
+        replay_buffer: 1_000_000,
+        connection_queue: 1_000_000,
+        log_capacity: 1_000,
+        ..SimConfig::for_tests()
+    })
+    .await?;
+    let mut common = CommonSettings::with_port(0);
+    common.nats.url = nats.url();
+    common.log.level = "warn".into();
+    let settings = Settings {
+        common,
+        service: GatewaySettings {
+            discord: DiscordSettings {
+                token: Some(Secret::new("sim-bot-token")),
+                api_base: sim.api_url(),
+            },
+            gateway: GatewayConfig::default(),
+        },
+    };
+    let app = Application::build(settings).await?;
+    let port = app.port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(app.run_until_stopped(async {
+        let _ = stop_rx.await;
+    }));
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(&readyz)
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 200
+    {
+        anyhow::ensure!(Instant::now() < deadline, "gateway-listener not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let client = nats.client().await;
+    let mut live = client.subscribe("live.rooms.>").await?;
+    // Users cycle: join Lobby, then leave: one event per change.
+    let users: Vec<u64> = seed::USERS.iter().map(|u| u.0).collect();
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let producer = {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let mut in_voice = vec![false; users.len()];
+            let mut ticker = (rate > 0).then(|| {
+                let mut t = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            for i in 0..total {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                } else {
+                    while i >= *acked_rx.borrow() + window {
+                        if acked_rx.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let u = i % users.len();
+                let _ = sent_tx.send(Instant::now());
+                let r = if in_voice[u] {
+                    sim.disconnect_voice(users[u])
+                } else {
+                    sim.connect_voice(users[u], seed::LOBBY_CHANNEL_ID)
+                };
+                r.expect("voice change");
+                in_voice[u] = !in_voice[u];
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(total);
+    while latencies.len() < total {
+        let msg = tokio::time::timeout(Duration::from_secs(30), live.next()).await?;
+        anyhow::ensure!(msg.is_some(), "live feed ended");
+        let now = Instant::now();
+        let sent = sent_rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("producer ended"))?;
+        latencies.push(now.duration_since(sent));
+        let _ = acked_tx.send(latencies.len());
+    }
+    let elapsed = started.elapsed();
+    producer.await?;
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "mode={} events={} elapsed={:.2}s throughput={:.0} events/s p50={:.3}ms p99={:.3}ms max={:.3}ms",
+        if rate == 0 { "saturation".to_owned() } else { format!("{rate}/s") },
+        total,
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        latencies[latencies.len() - 1].as_secs_f64() * 1e3,
+    );
+    let _ = stop_tx.send(());
+    let _ = service.await;
+    sim.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! gateway-listener under longer faults: convergence after a lost session, the real backoff
+//! schedule and alert, status and metrics, a NATS outage, and standby takeover.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use discord_sim::{SimConfig, SimEventKind, VoiceFlags};
+use support::*;
+use voicerooms_contract::event::Event;
+use voicerooms_contract::status::{GatewayState, GatewayStatus, Severity};
+use voicerooms_testkit::{conformance::status_of, wait_until, ServiceProcess};
+
+#[tokio::test]
+async fn changes_made_while_the_session_was_lost_are_published_as_the_real_difference() {
+    // Arrange: alice and bob in Lobby, published.
+    let gw = spawn().await;
+    gw.wait_connected().await;
+    gw.sim.connect_voice(ALICE, LOBBY).unwrap();
+    gw.sim.connect_voice(BOB, LOBBY).unwrap();
+    gw.wait_events(2).await;
+    let identifies = gw.count(|k| matches!(k, SimEventKind::Identify { .. }));
+
+    // Act: the session ends (4009) and reconnects are refused while people come and go.
+    gw.sim.refuse_connections_for(Duration::from_millis(1_500));
+    gw.sim.close_connections(4009, None);
+    gw.sim.disconnect_voice(ALICE).unwrap();
+    gw.sim.move_voice(BOB, GAMING).unwrap();
+    gw.sim
+        .set_voice_flags(
+            BOB,
+            VoiceFlags {
+                self_mute: Some(true),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    gw.sim.connect_voice(CAROL, LOBBY).unwrap();
+    gw.sim.connect_voice(DAVE, LOBBY).unwrap();
+    gw.sim.disconnect_voice(DAVE).unwrap();
+    wait_until(Duration::from_secs(15), "a new session", || async {
+        gw.count(|k| matches!(k, SimEventKind::Identify { .. })) > identifies
+    })
+    .await;
+    gw.sim.connect_voice(seed_erin(), GAMING).unwrap();
+
+    // Assert: exactly the net changes (nothing for dave, who came and went), then the sentinel.
+    let events = gw.wait_events(7).await;
+    let mut converged = summary(&events[2..6]);
+    converged.sort();
+    let mut want = vec![
+        left(LOBBY, ALICE),
+        left(LOBBY, BOB),
+        joined(GAMING, BOB),
+        joined(LOBBY, CAROL),
+    ];
+    want.sort();
+    assert_eq!(converged, want);
+    assert_eq!(summary(&events[6..]), vec![joined(GAMING, seed_erin())]);
+    let bob_join = events.iter().find_map(|e| match &e.event {
+        Event::VoiceJoined(j) if j.user.id.get() == BOB && e.room.get() == GAMING => {
+            Some(j.clone())
+        }
+        _ => None,
+    });
+    let bob_join = bob_join.expect("bob's join in Gaming");
+    assert!(
+        bob_join.flags.self_mute,
+        "the join carries the current flags"
+    );
+    assert_eq!(bob_join.moved_from.map(|c| c.get()), Some(LOBBY));
+}
+
+fn seed_erin() -> u64 {
+    discord_sim::seed::USERS[4].0
+}
+
+#[tokio::test]
+async fn status_and_metrics_follow_the_state_machine() {
+    // Arrange
+    let mut gw = prepare(SimConfig::for_tests()).await;
+    let statuses = collect(&gw.client, "gateway.*.status").await;
+    gw.start_app(fast_gateway(), TOKEN).await;
+    gw.wait_connected().await;
+    gw.sim.connect_voice(ALICE, LOBBY).unwrap();
+    gw.wait_events(1).await;
+
+    // Act
+    gw.sim.drop_connections(None);
+    wait_until(Duration::from_secs(10), "resumed", || async {
+        gw.count(|k| matches!(k, SimEventKind::Resume { .. })) == 1
+            && decoded(&statuses).last().map(|s| s.state) == Some(GatewayState::Connected)
+    })
+    .await;
+
+    // Assert
+    let states: Vec<GatewayState> = decoded(&statuses).iter().map(|s| s.state).collect();
+    let first = [
+        GatewayState::Connecting,
+        GatewayState::Identifying,
+        GatewayState::Connected,
+    ];
+    assert!(contains_in_order(&states, &first), "{states:?}");
+    let again = [
+        GatewayState::Connecting,
+        GatewayState::Resuming,
+        GatewayState::Connected,
+    ];
+    assert!(contains_in_order(&states, &again), "{states:?}");
+    let metrics = gw.metrics().await;
+    for line in [
+        "voicerooms_gateway_connected 1",
+        "voicerooms_gateway_resumes_total 1",
+        "voicerooms_gateway_identifies_total 1",
+        "voicerooms_gateway_events_out_total 1",
+        "voicerooms_gateway_state{state=\"connected\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert!(metrics.contains("voicerooms_gateway_publish_latency_seconds_count 1"));
+    assert!(metrics.contains("voicerooms_gateway_heartbeat_rtt_seconds_count"));
+    gw.stop_app().await;
+}
+
+fn decoded(raw: &std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) -> Vec<GatewayStatus> {
+    raw.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|b| GatewayStatus::decode(b).ok())
+        .collect()
+}
+
+fn contains_in_order(haystack: &[GatewayState], needle: &[GatewayState]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn events_made_while_nats_is_down_are_published_once_it_returns() {
+    // Arrange
+    let mut gw = spawn().await;
+    gw.wait_connected().await;
+    gw.sim.connect_voice(ALICE, LOBBY).unwrap();
+    gw.wait_events(1).await;
+
+    // Act: NATS goes away; voice changes keep coming from Discord.
+    gw.nats.stop();
+    gw.sim.connect_voice(BOB, LOBBY).unwrap();
+    gw.sim.move_voice(ALICE, GAMING).unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "publishes being retried",
+        || async {
+            gw.metrics().await.lines().any(|l| {
+                l.starts_with("voicerooms_gateway_publish_retries_total ") && !l.ends_with(" 0")
+            })
+        },
+    )
+    .await;
+    gw.nats.restart().await;
+    gw.client = gw.nats.client().await;
+    gw.sim.connect_voice(CAROL, GAMING).unwrap();
+
+    // Assert: buffered events arrive once, in order, then the sentinel.
+    let events = gw.wait_events(5).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            joined(LOBBY, ALICE),
+            joined(LOBBY, BOB),
+            left(LOBBY, ALICE),
+            joined(GAMING, ALICE),
+            joined(GAMING, CAROL),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn refused_connections_back_off_1_2_4_8_16_seconds_alert_after_5_and_recover() {
+    // Arrange: the real schedule (1 s base, 16 s cap).
+    let mut gw = prepare(SimConfig::for_tests()).await;
+    let alerts_raw = collect(&gw.client, "ops.alerts.gateway-listener").await;
+    let config = gateway_listener::GatewayConfig {
+        lease_ttl_ms: 1_000,
+        lease_renew_ms: 200,
+        ..Default::default()
+    };
+    gw.start_app(config, TOKEN).await;
+    gw.wait_connected().await;
+    gw.sim.connect_voice(ALICE, LOBBY).unwrap();
+    gw.wait_events(1).await;
+
+    // Act: the gateway refuses connections for 40 s after dropping ours.
+    gw.sim.refuse_connections_for(Duration::from_secs(40));
+    gw.sim.drop_connections(None);
+    gw.sim.connect_voice(BOB, LOBBY).unwrap();
+    let readyz = format!("http://127.0.0.1:{}/readyz", gw.port);
+    wait_until(
+        Duration::from_secs(40),
+        "the reconnect-failing alert",
+        || async {
+            alerts(&alerts_raw)
+                .iter()
+                .any(|a| a.code == "gateway_reconnect_failing")
+        },
+    )
+    .await;
+    let unready = status_of(&readyz).await;
+    wait_until(Duration::from_secs(60), "recovery", || async {
+        status_of(&readyz).await == Some(200)
+    })
+    .await;
+    gw.sim.connect_voice(CAROL, LOBBY).unwrap();
+
+    // Assert: intervals between refused attempts, from the simulator's log.
+    // Every attempt from the first refused one to the connection that succeeded.
+    let log = gw.log();
+    let first = log
+        .iter()
+        .position(|e| matches!(e.kind, SimEventKind::Refused { .. }))
+        .expect("refused attempts");
+    let mut refused: Vec<u64> = Vec::new();
+    for e in &log[first..] {
+        match e.kind {
+            SimEventKind::Refused { .. } => refused.push(e.at_ms),
+            SimEventKind::Connected { .. } => {
+                refused.push(e.at_ms);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let gaps: Vec<u64> = refused.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("refused at {refused:?}, gaps {gaps:?}");
+    let want = [1_000u64, 2_000, 4_000, 8_000, 16_000, 16_000];
+    assert_eq!(gaps.len(), 6, "attempts: {refused:?}");
+    for (gap, want) in gaps.iter().zip(want) {
+        assert!(gap.abs_diff(want) < 400, "gaps {gaps:?} vs {want}");
+    }
+    assert_eq!(unready, Some(503), "not ready after 5 failures");
+    let alerts = alerts(&alerts_raw);
+    let failing: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.code == "gateway_reconnect_failing")
+        .collect();
+    assert_eq!(failing[0].severity, Severity::Critical);
+    assert!(
+        failing[0].message.starts_with("5 consecutive"),
+        "{}",
+        failing[0].message
+    );
+    assert_eq!(failing.last().map(|a| a.severity), Some(Severity::Resolved));
+    // Nothing lost across 40 s of refusals: the session resumed.
+    let events = gw.wait_events(3).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            joined(LOBBY, ALICE),
+            joined(LOBBY, BOB),
+            joined(LOBBY, CAROL)
+        ]
+    );
+    assert!(gw.count(|k| matches!(k, SimEventKind::Resume { .. })) >= 1);
+    gw.stop_app().await;
+}
+
+#[tokio::test]
+async fn the_standby_takes_over_within_10_seconds_and_resumes_the_session() {
+    // Arrange: two replicas of shard 0 as real processes, default lease timings (6 s TTL).
+    let gw = prepare(SimConfig::for_tests()).await;
+    let statuses = collect(&gw.client, "gateway.0.status").await;
+    let bin = env!("CARGO_BIN_EXE_gateway-listener");
+    let env = |instance: &str| {
+        vec![
+            ("VOICEROOMS__NATS__URL", gw.nats.url()),
+            ("VOICEROOMS__DISCORD__TOKEN", TOKEN.to_owned()),
+            ("VOICEROOMS__DISCORD__API_BASE", gw.sim.api_url()),
+            ("VOICEROOMS__HTTP__PORT", "0".to_owned()),
+            ("VOICEROOMS__INSTANCE", instance.to_owned()),
+        ]
+    };
+    let state_of = |instance: &str| {
+        decoded(&statuses)
+            .iter()
+            .rev()
+            .find(|s| s.instance == instance)
+            .map(|s| s.state)
+    };
+    let leader = ServiceProcess::spawn(bin, &env("gw-a"));
+    wait_until(Duration::from_secs(20), "gw-a connected", || async {
+        state_of("gw-a") == Some(GatewayState::Connected)
+    })
+    .await;
+    let standby = ServiceProcess::spawn(bin, &env("gw-b"));
+    wait_until(Duration::from_secs(20), "gw-b on standby", || async {
+        state_of("gw-b") == Some(GatewayState::Standby)
+    })
+    .await;
+    gw.sim.connect_voice(ALICE, LOBBY).unwrap();
+    gw.wait_events(1).await;
+    let js = async_nats::jetstream::new(gw.client.clone());
+    let kv = js
+        .get_key_value("gateway_leases")
+        .await
+        .expect("lease bucket");
+    wait_until(
+        Duration::from_secs(5),
+        "a checkpoint with alice",
+        || async {
+            kv.get("shard-0-of-1.checkpoint")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|v| String::from_utf8_lossy(&v).contains(&ALICE.to_string()))
+        },
+    )
+    .await;
+
+    // Act: the holder dies; a voice change happens while nobody is connected.
+    drop(leader);
+    let killed = Instant::now();
+    gw.sim.connect_voice(BOB, LOBBY).unwrap();
+    wait_until(Duration::from_secs(15), "bob's join published", || async {
+        gw.stored().await.len() >= 2
+    })
+    .await;
+    let took = killed.elapsed();
+    gw.sim.connect_voice(CAROL, LOBBY).unwrap();
+
+    // Assert
+    let events = gw.wait_events(3).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            joined(LOBBY, ALICE),
+            joined(LOBBY, BOB),
+            joined(LOBBY, CAROL)
+        ],
+        "standby output:\n{}",
+        standby.output()
+    );
+    assert!(took < Duration::from_secs(10), "took over in {took:?}");
+    assert_eq!(state_of("gw-b"), Some(GatewayState::Connected));
+    assert_eq!(
+        gw.count(|k| matches!(k, SimEventKind::Identify { .. })),
+        1,
+        "resumed, not identified"
+    );
+    assert!(gw.count(|k| matches!(k, SimEventKind::Resume { .. })) >= 1);
+}
