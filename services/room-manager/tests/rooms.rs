@@ -127,6 +127,7 @@ async fn create_makes_a_private_channel_and_role_moves_the_creator_and_the_invit
 async fn a_failed_channel_create_rolls_back_the_role_and_frees_the_slot() {
     let env = Env::start(1, quiet_rooms(), true).await;
     let alice = seeded(0);
+    env.wait_startup_reconcile().await;
     let roles_before = role_ids(&env.sim).await;
     // Every channel POST fails with 500 past the retries.
     env.sim
@@ -348,6 +349,7 @@ async fn bucket_and_global_429_storms_delay_operations_as_told_and_lose_none() {
     let users: Vec<_> = (1..5).map(seeded).collect();
     // Warm up (the bot id), then storm: per-bucket 429s on role adds, global 429s on channels.
     let first = env.create(&alice, "warm").await.expect("create");
+    env.wait_startup_reconcile().await;
     env.sim.clear_events();
     env.sim
         .inject_rest_fault(RestFault {
@@ -436,6 +438,7 @@ async fn persistent_server_errors_end_in_a_typed_error_after_five_retries() {
     let env = Env::start(1, quiet_rooms(), false).await;
     let alice = seeded(0);
     env.create(&alice, "warm").await.expect("create");
+    env.wait_startup_reconcile().await;
     env.sim.clear_events();
     env.sim
         .inject_rest_fault(RestFault {
@@ -524,7 +527,12 @@ async fn requests_beyond_a_bucket_wait_for_its_reset_instead_of_hitting_429() {
     let replica = start_replica(settings(&nats.url(), &sim.api_url(), "rm-b", quiet_rooms())).await;
     let core = replica.app_core.clone();
     // Let the start-up reconciler finish its calls, then start counting.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually("start-up reconciliation", || async {
+        sim.events().into_iter().any(|e| {
+            matches!(&e.kind, SimEventKind::Rest { method, path, .. } if method == "GET" && path.ends_with("/channels"))
+        })
+    })
+    .await;
     sim.clear_events();
     sim.reset_rate_limits();
 

@@ -284,6 +284,24 @@ impl Env {
         found.unwrap_or_else(|| panic!("timed out waiting for {what}"))
     }
 
+    /// Waits until every replica's start-up reconciliation has listed channels (so injected REST
+    /// faults hit the calls under test, not the reconciler's).
+    pub async fn wait_startup_reconcile(&self) {
+        let n = self.replicas.len();
+        eventually("start-up reconciliation", || async {
+            self.sim
+                .events()
+                .into_iter()
+                .filter(|e| {
+                    matches!(&e.kind, discord_sim::SimEventKind::Rest { method, path, .. }
+                        if method == "GET" && path.ends_with("/channels"))
+                })
+                .count()
+                >= n
+        })
+        .await;
+    }
+
     pub async fn shutdown(self) {
         for r in self.replicas {
             r.stop().await;
