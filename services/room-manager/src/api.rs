@@ -23,8 +23,16 @@ use voicerooms_contract::ApiError;
 
 use crate::rooms::{self, Core};
 
-/// Decodes, handles and encodes one command. Never panics on input.
+/// Decodes, handles and encodes one command, and records its latency by outcome (`ok` or the
+/// error code). Never panics on input.
 pub async fn dispatch(core: &Core, kind: CommandKind, body: &[u8]) -> Vec<u8> {
+    let started = std::time::Instant::now();
+    let (reply, outcome) = dispatch_inner(core, kind, body).await;
+    core.metrics.op(kind.as_str(), outcome, started);
+    reply
+}
+
+async fn dispatch_inner(core: &Core, kind: CommandKind, body: &[u8]) -> (Vec<u8>, &'static str) {
     match kind {
         CommandKind::Create => {
             handle::<CreateRoom, _, _, _>(body, |c| rooms::create(core, c)).await
@@ -44,7 +52,7 @@ pub async fn dispatch(core: &Core, kind: CommandKind, body: &[u8]) -> Vec<u8> {
     }
 }
 
-async fn handle<C, R, F, Fut>(body: &[u8], f: F) -> Vec<u8>
+async fn handle<C, R, F, Fut>(body: &[u8], f: F) -> (Vec<u8>, &'static str)
 where
     C: DeserializeOwned + Validate,
     R: Serialize,
@@ -55,10 +63,14 @@ where
         Ok(cmd) => f(cmd).await,
         Err(e) => Err(ApiError::from(e)),
     };
-    if let Err(e) = &result {
-        tracing::debug!(code = %e.code, message = %e.message, "command failed");
-    }
-    encode_reply(&result)
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => {
+            tracing::debug!(code = %e.code, message = %e.message, "command failed");
+            e.code.as_str()
+        }
+    };
+    (encode_reply(&result), outcome)
 }
 
 /// Serves every command until `token` is cancelled.

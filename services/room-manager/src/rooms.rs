@@ -258,7 +258,6 @@ pub async fn create(core: &Core, cmd: CreateRoom) -> Result<Created, ApiError> {
         Err((e, role, channel)) => {
             rollback(core, cmd.guild, role, channel).await;
             release_slot(core, user, &nonce, None).await;
-            core.metrics.op("create", "error", started);
             return Err(e);
         }
     };
@@ -274,7 +273,6 @@ pub async fn create(core: &Core, cmd: CreateRoom) -> Result<Created, ApiError> {
     core.publish_and_bump(rec.view.guild, room, created).await;
     let placement = place(core, &rec, &cmd.requester).await;
     let rec = core.record(room).await?.map(|(r, _)| r).unwrap_or(rec);
-    core.metrics.op("create", "ok", started);
     tracing::info!(room = %room, guild = %rec.view.guild, owner = %user, elapsed_ms = started.elapsed().as_millis() as u64, placement = placement_label(&placement), "room created");
     Ok(Created {
         invite: core.invite(&rec)?,
@@ -574,7 +572,6 @@ pub async fn join(core: &Core, cmd: JoinRequest) -> Result<Joined, ApiError> {
     let newly = match newly {
         Ok((n, _)) => n,
         Err(e) => {
-            core.metrics.op("join", e.code.as_str(), started);
             return Err(e);
         }
     };
@@ -595,7 +592,6 @@ pub async fn join(core: &Core, cmd: JoinRequest) -> Result<Joined, ApiError> {
                 },
             )
             .await;
-            core.metrics.op("join", e.code.as_str(), started);
             return Err(e);
         }
         core.publish_and_bump(
@@ -610,7 +606,6 @@ pub async fn join(core: &Core, cmd: JoinRequest) -> Result<Joined, ApiError> {
     }
     let (rec, _) = core.record(room).await?.ok_or_else(|| not_found(room))?;
     let placement = place(core, &rec, &user).await;
-    core.metrics.op("join", "ok", started);
     core.metrics.placement(placement_label(&placement), started);
     tracing::info!(room = %room, user = %user.id, placement = placement_label(&placement), elapsed_ms = started.elapsed().as_millis() as u64, "joined");
     let rec = core.record(room).await?.map(|(r, _)| r).unwrap_or(rec);

@@ -568,3 +568,106 @@ async fn requests_beyond_a_bucket_wait_for_its_reset_instead_of_hitting_429() {
     replica.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_drops_the_role_and_voice_and_the_owner_cannot_leave() {
+    let env = Env::start(1, quiet_rooms(), false).await;
+    let (alice, bob) = (seeded(0), seeded(1));
+    let created = env.create(&alice, "leave").await.unwrap();
+    let room = created.room.id;
+    env.voice_connect(&bob, seed::GAMING_CHANNEL_ID).await;
+    env.join(&bob, &created.invite.token).await.unwrap();
+    env.publish(
+        room.get(),
+        Event::VoiceJoined(voicerooms_contract::event::VoiceJoined {
+            user: bob.clone(),
+            flags: Default::default(),
+            moved_from: None,
+        }),
+    )
+    .await;
+    eventually("bob shown in voice", || async {
+        let rec = env.replicas[0]
+            .app_core
+            .record(room)
+            .await
+            .unwrap()
+            .unwrap()
+            .0;
+        rec.view.voice.iter().any(|o| o.user.id == bob.id)
+    })
+    .await;
+
+    let owner = env
+        .request::<_, serde_json::Value>(
+            CommandKind::Leave,
+            &RoomCommand {
+                requester: alice.clone(),
+                room,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(owner.code, ErrorCode::Validation);
+    env.request::<_, serde_json::Value>(
+        CommandKind::Leave,
+        &RoomCommand {
+            requester: bob.clone(),
+            room,
+        },
+    )
+    .await
+    .expect("leave");
+
+    assert!(!env
+        .sim
+        .member_roles(GUILD, bob.id.get())
+        .contains(&created.room.role.get()));
+    assert_eq!(
+        env.sim.voice_channel_of(bob.id.get()),
+        None,
+        "disconnected from the room's channel"
+    );
+    env.wait_for_event(room, EventKind::RoomMemberRemoved, "room.member_removed")
+        .await;
+    let again = env
+        .request::<_, serde_json::Value>(
+            CommandKind::Leave,
+            &RoomCommand {
+                requester: bob.clone(),
+                room,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, ErrorCode::NotMember);
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_operations_placements_and_discord_calls_without_the_token() {
+    let env = Env::start(1, quiet_rooms(), false).await;
+    let alice = seeded(0);
+    env.create(&alice, "metrics").await.unwrap();
+    let _ = env.create(&alice, &"x".repeat(101)).await.unwrap_err();
+
+    let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", env.replicas[0].port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    assert!(
+        body.contains(r#"voicerooms_room_operation_seconds_count{op="create",outcome="ok"} 1"#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"op="create",outcome="validation""#),
+        "{body}"
+    );
+    assert!(body.contains(r#"voicerooms_discord_calls_total{route="/guilds/{g}/channels",method="POST",status="201"}"#), "{body}");
+    assert!(body.contains("voicerooms_discord_queue_depth"), "{body}");
+    assert!(!body.contains("sim-bot-token") && !body.contains(SECRET));
+    env.shutdown().await;
+}

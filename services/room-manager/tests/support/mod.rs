@@ -28,6 +28,7 @@ pub const SECRET: &str = "test-invite-secret-0123456789abcdef";
 pub const GUILD: u64 = seed::GUILD_ID;
 
 pub struct Replica {
+    pub port: u16,
     pub app_core: std::sync::Arc<room_manager::rooms::Core>,
     stop: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -323,12 +324,14 @@ pub async fn start_replica(s: Settings) -> Replica {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let port = app.port();
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
     // Readiness: the API answers.
     Replica {
+        port,
         app_core: core.expect("core"),
         stop: Some(tx),
         handle,
