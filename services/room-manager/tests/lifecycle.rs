@@ -390,3 +390,32 @@ async fn a_replica_killed_in_the_middle_of_a_create_leaves_no_orphans_after_reco
     replica.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_closes_a_room_whose_channel_vanished_while_nobody_listened() {
+    let env = Env::start(1, quiet_rooms(), false).await;
+    let alice = seeded(0);
+    let created = env.create(&alice, "vanishing").await.unwrap();
+    let room = created.room.id;
+    // Deleted in Discord, but no channel.deleted event reaches room-manager (gateway down).
+    env.sim.delete_channel(room.get()).unwrap();
+    let core = env.replicas[0].app_core.clone();
+
+    let removed = room_manager::cleanup::reconcile(&core)
+        .await
+        .expect("reconcile");
+
+    assert_eq!(
+        removed, 0,
+        "nothing orphaned: the room still owned its role"
+    );
+    let deleted = env
+        .wait_for_event(room, EventKind::RoomDeleted, "room.deleted")
+        .await;
+    assert!(
+        matches!(deleted.event, Event::RoomDeleted(ref d) if d.reason == CloseReason::ChannelDeleted)
+    );
+    assert!(!role_ids(&env.sim).await.contains(&created.room.role.get()));
+    assert!(core.record(room).await.unwrap().is_none());
+    env.shutdown().await;
+}
