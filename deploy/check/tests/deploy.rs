@@ -127,6 +127,19 @@ fn compose_services_are_our_binaries_and_set_only_settings_they_read() {
             serde_yaml_ng::Value::Null => BTreeMap::new(),
             other => panic!("{name}: environment must be a mapping, got {other:?}"),
         };
+        if service["profiles"]
+            .as_sequence()
+            .is_some_and(|p| p.iter().any(|p| p == "tracing"))
+        {
+            // Third-party observability images: pinned, never `latest`, only in their profile.
+            let image = service["image"].as_str().unwrap();
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+            assert!(
+                !tag.is_empty() && tag != "latest",
+                "{name}: pinned image: {image}"
+            );
+            continue;
+        }
         if name == "nats" {
             let image = service["image"].as_str().unwrap();
             assert!(
@@ -190,7 +203,13 @@ fn docker_compose_accepts_the_file() {
     )
     .unwrap();
     std::fs::copy(repo().join(".env.example"), dir.path().join(".env")).unwrap();
-    for profile in [None, Some("dev")] {
+    std::fs::create_dir_all(dir.path().join("deploy/otel")).unwrap();
+    std::fs::copy(
+        repo().join("deploy/otel/collector.yaml"),
+        dir.path().join("deploy/otel/collector.yaml"),
+    )
+    .unwrap();
+    for profile in [None, Some("dev"), Some("tracing")] {
         let mut command = Command::new(&docker_compose);
         command.current_dir(dir.path());
         if let Some(p) = profile {
@@ -223,4 +242,30 @@ fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(program))
         .find(|p| p.is_file())
+}
+
+#[test]
+fn the_collector_pipeline_uses_only_components_it_defines() {
+    let config: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read("deploy/otel/collector.yaml")).unwrap();
+    let pipeline = &config["service"]["pipelines"]["traces"];
+    for (section, key) in [
+        ("receivers", "receivers"),
+        ("processors", "processors"),
+        ("exporters", "exporters"),
+    ] {
+        let defined = config[section].as_mapping().expect(section);
+        let used = pipeline[key].as_sequence().expect(key);
+        assert!(!used.is_empty(), "{key} in the traces pipeline");
+        for component in used {
+            assert!(
+                defined.contains_key(component),
+                "{component:?} is not defined in {section}"
+            );
+        }
+    }
+    assert_eq!(
+        config["receivers"]["otlp"]["protocols"]["http"]["endpoint"], "0.0.0.0:4318",
+        "the services export OTLP/HTTP to :4318"
+    );
 }

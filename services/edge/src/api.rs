@@ -16,6 +16,7 @@ use std::time::Duration;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 use voicerooms_contract::command::{
     decode_reply, CreateRoom, Created, Done, Invite, JoinRoom, Joined, ListMine, RoomCommand,
     RoomList, RoomView,
@@ -44,13 +45,16 @@ impl Api {
         request.validate().map_err(ApiError::from)?;
         let payload = serde_json::to_vec(request)
             .map_err(|e| HttpError::new(ErrorCode::Internal, e.to_string()))?;
+        // The request's span: its context travels in the NATS headers to room-manager.
+        let span = tracing::info_span!("edge.roommgr_request", command = kind.as_str());
         let mut headers = async_nats::HeaderMap::new();
-        voicerooms_platform::telemetry::inject(&mut headers);
+        span.in_scope(|| voicerooms_platform::telemetry::inject(&mut headers));
         let reply = tokio::time::timeout(
             self.timeout,
             self.nats
                 .request_with_headers(kind.subject(), headers, payload.into()),
         )
+        .instrument(span)
         .await
         .map_err(|_| HttpError::new(ErrorCode::Timeout, "room-manager did not answer in time"))?
         .map_err(|e| match e.kind() {

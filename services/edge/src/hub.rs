@@ -514,6 +514,14 @@ impl Pump {
                 return;
             }
         }
+        // Joins the event's trace (publisher's context in the headers the stream republished).
+        let span = tracing::info_span!("edge.fanout", room = %self.room, seq, kind, subscribers = self.subscribers.len());
+        voicerooms_platform::telemetry::extract_or_traceparent(
+            &span,
+            headers,
+            event.traceparent.as_deref(),
+        );
+        let _in_span = span.enter();
         self.deliver(seq, &event);
     }
 

@@ -131,6 +131,23 @@ pub fn extract_into(span: &tracing::Span, headers: Option<&async_nats::HeaderMap
     }
 }
 
+/// Makes `span` a child of the trace context in NATS headers, or else of `traceparent` (the
+/// copy a [`voicerooms_contract::RoomEvent`] carries in its payload, e.g. read back from the
+/// stream without headers).
+pub fn extract_or_traceparent(
+    span: &tracing::Span,
+    headers: Option<&async_nats::HeaderMap>,
+    traceparent: Option<&str>,
+) {
+    if headers.is_some_and(|h| h.get("traceparent").is_some()) {
+        extract_into(span, headers);
+    } else if let Some(tp) = traceparent {
+        let mut carrier = async_nats::HeaderMap::new();
+        carrier.insert("traceparent", tp);
+        extract_into(span, Some(&carrier));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +182,23 @@ mod tests {
             extract_into(&consumer, Some(&headers));
             let received_trace = consumer.context().span().span_context().trace_id();
             assert_eq!(received_trace, sent_trace);
+        });
+    }
+
+    #[test]
+    fn a_payload_traceparent_is_used_when_headers_have_none() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("consume");
+            extract_or_traceparent(
+                &span,
+                None,
+                Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            );
+            let trace = span.context().span().span_context().trace_id();
+            assert_eq!(trace.to_string(), "0af7651916cd43dd8448eb211c80319c");
         });
     }
 
