@@ -124,11 +124,12 @@ fn config_map(docs: &[Value]) -> BTreeMap<String, String> {
         .collect()
 }
 
-const SECRETS: [&str; 4] = [
+const SECRETS: [&str; 5] = [
     "VOICEROOMS__DISCORD__TOKEN",
     "VOICEROOMS__NATS__TOKEN",
     "VOICEROOMS__SESSION__KEY",
     "VOICEROOMS__OAUTH__CLIENT_SECRET",
+    "VOICEROOMS__INVITES__SECRET",
 ];
 
 #[test]
