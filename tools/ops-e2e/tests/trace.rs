@@ -188,3 +188,127 @@ async fn a_voice_event_and_a_room_call_carry_one_trace_across_nats_into_the_edge
     assert_eq!(span.service, "edge");
     drop(edge);
 }
+
+/// The whole voice path: the simulator's VOICE_STATE_UPDATE → gateway-listener (span
+/// `gateway.dispatch`, root of the trace; the event carries its `traceparent`) → NATS → edge
+/// (`edge.fanout`, child of `gateway.dispatch`) → the watcher's socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discord_voice_event_is_one_trace_from_gateway_listener_to_the_edge() {
+    use discord_sim::{seed, SimConfig, Simulator};
+    let nats = NatsServer::start().await;
+    let receiver = OtlpReceiver::start().await;
+    let sim = Simulator::start(SimConfig::for_tests())
+        .await
+        .expect("simulator");
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_rooms_stream(&js, &Default::default()).await.unwrap();
+    let rooms = ensure_kv(&js, "rooms", 1, 1).await.unwrap();
+    let (alice_id, alice_name) = seed::USERS[0];
+    let alice = UserRef {
+        id: UserId::new(alice_id).unwrap(),
+        username: alice_name.into(),
+        global_name: None,
+        avatar: None,
+    };
+    // The simulator's Lobby channel stands for a room alice belongs to.
+    let view = RoomView {
+        id: RoomId::new(seed::LOBBY_CHANNEL_ID).unwrap(),
+        guild: GuildId::new(seed::GUILD_ID).unwrap(),
+        name: "lobby".into(),
+        owner: alice.clone(),
+        role: RoleId::new(9).unwrap(),
+        capacity: 4,
+        state: RoomState::Open,
+        members: vec![RoomMember {
+            user: alice.clone(),
+            via: JoinedVia::Owner,
+            joined_at: 1,
+        }],
+        voice: vec![],
+        created_at: 1,
+        last_activity: 1,
+        invite_expires_at: 2,
+        closing_deadline: None,
+        seq: 0,
+    };
+    rooms
+        .put(
+            seed::LOBBY_CHANNEL_ID.to_string(),
+            serde_json::to_vec(&view).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let cookie = sign_in(&js, &alice, 1).await;
+
+    let traced = |port: u16, name: &str| {
+        let mut env = service_env(&nats.url(), port, name);
+        env.push(("VOICEROOMS__TELEMETRY__OTLP_ENDPOINT", receiver.endpoint()));
+        env.push(("VOICEROOMS__TELEMETRY__SAMPLE_RATIO", "1.0".into()));
+        env.push(("OTEL_BSP_SCHEDULE_DELAY", "100".into()));
+        env.push(("VOICEROOMS__DISCORD__TOKEN", "sim-bot-token".into()));
+        env.push(("VOICEROOMS__DISCORD__API_BASE", sim.api_url()));
+        env.push(("VOICEROOMS__GATEWAY__URL", sim.gateway_url().to_string()));
+        env
+    };
+    let gl_port = free_port();
+    let _gateway = Service::spawn(
+        bin("gateway-listener").to_str().unwrap(),
+        &traced(gl_port, "gl-traced"),
+    );
+    let edge_port = free_port();
+    let _edge = Service::spawn(
+        bin("edge").to_str().unwrap(),
+        &traced(edge_port, "edge-traced"),
+    );
+    wait_ready(gl_port, "gateway-listener", Duration::from_secs(30)).await;
+    wait_ready(edge_port, "edge", Duration::from_secs(30)).await;
+
+    let mut watcher = Player::connect(edge_port, &cookie).await.expect("player");
+    let ack = watcher
+        .subscribe(seed::LOBBY_CHANNEL_ID, None)
+        .await
+        .unwrap();
+    assert_eq!(ack["event"], "subscribed", "{ack}");
+    sim.connect_voice(alice_id, seed::LOBBY_CHANNEL_ID)
+        .expect("alice joins voice");
+    let frame = loop {
+        let frame = watcher.next(Duration::from_secs(15)).await.unwrap();
+        if frame["type"] == "event" {
+            break frame;
+        }
+    };
+    assert_eq!(frame["event"], "voice.joined", "{frame}");
+    let seq = frame["seq"].as_u64().unwrap().to_string();
+
+    wait_until(
+        Duration::from_secs(15),
+        "the edge's fan-out span",
+        || async { receiver.spans().iter().any(|s| s.name == "edge.fanout") },
+    )
+    .await;
+    let fanout = receiver
+        .spans()
+        .into_iter()
+        .find(|s| s.name == "edge.fanout")
+        .unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "gateway-listener's span in the same trace",
+        || async {
+            receiver
+                .spans()
+                .iter()
+                .any(|s| s.service == "gateway-listener" && s.span_id == fanout.parent_span_id)
+        },
+    )
+    .await;
+    let parent = receiver
+        .spans()
+        .into_iter()
+        .find(|s| s.span_id == fanout.parent_span_id)
+        .unwrap();
+    assert_eq!(parent.name, "gateway.dispatch");
+    assert_eq!(parent.trace_id, fanout.trace_id, "one trace");
+    assert!(!seq.is_empty());
+}
