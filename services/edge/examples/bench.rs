@@ -5,8 +5,8 @@
 //! cargo build --release -p edge --bins --examples
 //! target/release/examples/bench idle --connections 100000
 //! target/release/examples/bench fanout --rooms 2500 --clients 10000 --rate 1000 --seconds 20
-//! target/release/examples/bench throughput --rooms 20 --clients 2000 --seconds 10
-//! target/release/examples/bench slow --rooms 50 --clients 200 --rate 500 --seconds 10
+//! target/release/examples/bench fanout --rooms 20 --clients 2000 --rate 3000 --seconds 10   # throughput
+//! target/release/examples/bench slow --rooms 5 --clients 50 --rate 1000 --seconds 20
 //! ```
 //!
 //! Connections come from several 127.0.0.x source addresses (one source has ~28k ports) and
@@ -72,7 +72,7 @@ fn parse_args() -> Args {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: bench idle|fanout|throughput|slow [--connections N] [--rooms N] [--clients N] [--rate EV/S] [--seconds S] [--workers N]");
+    eprintln!("usage: bench idle|fanout|slow [--connections N] [--rooms N] [--clients N] [--rate EV/S] [--seconds S] [--workers N]");
     std::process::exit(2)
 }
 
@@ -210,8 +210,22 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Opens one authenticated connection from source address 127.0.0.(1 + i % 16).
 async fn connect(port: u16, cookie: &str, i: usize) -> anyhow::Result<Ws> {
+    connect_with(port, cookie, i, None).await
+}
+
+/// `rcvbuf`: a small receive buffer makes a client that stops reading fill the edge's queue
+/// quickly instead of the kernel's.
+async fn connect_with(
+    port: u16,
+    cookie: &str,
+    i: usize,
+    rcvbuf: Option<u32>,
+) -> anyhow::Result<Ws> {
     let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % 16) as u8));
     let socket = TcpSocket::new_v4()?;
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size)?;
+    }
     socket.bind(SocketAddr::new(source, 0))?;
     let stream = socket
         .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
@@ -475,13 +489,6 @@ async fn fanout(args: Args, record: bool) {
     }
 }
 
-async fn throughput(args: Args) {
-    // Publish as fast as JetStream acks allow; count frames delivered per second.
-    let mut args = args;
-    args.rate = 1_000_000;
-    fanout(args, false).await;
-}
-
 async fn slow(args: Args) {
     // Same load twice: without and with one client per room that never reads.
     let recorder_run = |with_slow: bool, args: &Args| {
@@ -555,7 +562,6 @@ fn main() {
         match args.mode.as_str() {
             "idle" => idle(args).await,
             "fanout" => fanout(args, true).await,
-            "throughput" => throughput(args).await,
             "slow" => slow(args).await,
             _ => usage(),
         }
