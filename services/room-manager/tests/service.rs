@@ -3,8 +3,11 @@
 voicerooms_testkit::service_conformance_tests!(
     crate_name: room_manager,
     bin: env!("CARGO_BIN_EXE_room-manager"),
+    // A simulator address: without a token, Discord's real API is refused at start-up.
+    env: [("VOICEROOMS__DISCORD__API_BASE", "http://127.0.0.1:9/api/v10")],
     bad_config: [
         ("VOICEROOMS__HTTP__PORT", "eighty", "http.port"),
+        ("VOICEROOMS__DISCORD__API_BASE", "https://discord.com/api/v10", "discord.token"),
         ("VOICEROOMS__DISCORD__API_BASE", "ftp://discord", "discord.api_base"),
     ],
 );

@@ -362,6 +362,12 @@ impl CheckSettings for DiscordSettings {
                 "must be an http:// or https:// URL",
             ));
         }
+        if self.token.is_none() && self.api_base.starts_with("https://discord.com") {
+            return Err(SettingsError::invalid(
+                "discord.token",
+                "is required with Discord's API; only a simulator api_base may run without one",
+            ));
+        }
         if let Some(token) = &self.token {
             let t = token.expose();
             if t.is_empty()

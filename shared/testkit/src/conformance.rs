@@ -142,6 +142,14 @@ pub async fn bad_config_fails_naming_the_key(bin: &str, var: &str, value: &str, 
 #[macro_export]
 macro_rules! service_conformance_tests {
     (crate_name: $krate:ident, bin: $bin:expr, bad_config: [$(($var:expr, $value:expr, $key:expr)),+ $(,)?] $(,)?) => {
+        $crate::service_conformance_tests!(
+            crate_name: $krate,
+            bin: $bin,
+            env: [],
+            bad_config: [$(($var, $value, $key)),+],
+        );
+    };
+    (crate_name: $krate:ident, bin: $bin:expr, env: [$(($evar:expr, $evalue:expr)),* $(,)?], bad_config: [$(($var:expr, $value:expr, $key:expr)),+ $(,)?] $(,)?) => {
         #[tokio::test]
         async fn health_and_readiness_follow_nats() {
             let mut nats = $crate::NatsServer::start().await;
@@ -164,7 +172,8 @@ macro_rules! service_conformance_tests {
         #[tokio::test]
         async fn sigterm_exits_zero_within_the_grace_period() {
             let nats = $crate::NatsServer::start().await;
-            $crate::conformance::sigterm_exits_cleanly($bin, &nats, &[]).await;
+            let env: Vec<(&str, String)> = vec![$(($evar, $evalue.to_string())),*];
+            $crate::conformance::sigterm_exits_cleanly($bin, &nats, &env).await;
         }
 
         #[tokio::test]
