@@ -433,10 +433,23 @@ impl Pump {
         if after >= state.last_sequence {
             return Ok(Replay { events: Vec::new() });
         }
+        // Where the room's stored events end. nats-server 2.9 can under-report a new consumer's
+        // `num_pending`, so the read stops at this sequence rather than after a count.
+        let filter = subject::filter::room(self.guild, self.room);
+        let end = match stream.get_last_raw_message_by_subject(&filter).await {
+            Ok(message) => message.sequence,
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Replay { events: Vec::new() })
+            }
+            Err(e) => return Err(ReplayError::Nats(format!("last event: {e}"))),
+        };
+        if end <= after {
+            return Ok(Replay { events: Vec::new() });
+        }
         let start = (after + 1).max(state.first_sequence).max(1);
-        let mut consumer = stream
+        let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject::filter::room(self.guild, self.room),
+                filter_subject: filter,
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: start,
                 },
@@ -444,42 +457,35 @@ impl Pump {
             })
             .await
             .map_err(|e| ReplayError::Nats(format!("consumer: {e}")))?;
-        let pending = consumer
-            .info()
-            .await
-            .map_err(|e| ReplayError::Nats(format!("consumer info: {e}")))?
-            .num_pending;
-        if pending > self.inner.replay_limit {
-            return Err(ReplayError::TooMany(pending));
-        }
-        let mut events = Vec::with_capacity(pending as usize);
-        if pending == 0 {
-            return Ok(Replay { events });
-        }
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| ReplayError::Nats(format!("messages: {e}")))?
-            .take(pending as usize);
+            .map_err(|e| ReplayError::Nats(format!("messages: {e}")))?;
+        let mut events = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let next = tokio::time::timeout_at(deadline, messages.next()).await;
-            let message = match next {
+            let message = match tokio::time::timeout_at(deadline, messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(ReplayError::Nats(format!("reading: {e}"))),
-                Ok(None) => break,
+                Ok(None) => return Err(ReplayError::Nats("replay ended early".into())),
                 Err(_) => return Err(ReplayError::Nats("replay timed out".into())),
             };
             let seq = message
                 .info()
                 .map(|i| i.stream_sequence)
                 .map_err(|e| ReplayError::Nats(format!("message info: {e}")))?;
+            if events.len() as u64 >= self.inner.replay_limit {
+                return Err(ReplayError::TooMany(end - after));
+            }
             match RoomEvent::decode_on(&message.subject, &message.payload) {
                 Ok(event) => events.push((seq, event)),
                 Err(e) => {
                     self.inner.metrics.bad_events.inc();
                     tracing::warn!(room = %self.room, seq, error = %e, "skipping undecodable stored event");
                 }
+            }
+            if seq >= end {
+                break;
             }
         }
         Ok(Replay { events })
