@@ -187,7 +187,10 @@ test('the dropout dialog appears when the player leaves voice, and rejoin puts t
 
 test('someone who joins the channel directly in Discord is shown as such', async () => {
   const a = players.alice.page;
-  await stack.voiceConnect(USERS.erin, shared.room);
+  // The room's channel is private: erin (no room role) cannot enter it by herself. A moderator
+  // moves her in from the lobby, as happens in Discord without the app.
+  await stack.voiceConnect(USERS.erin, LOBBY);
+  await stack.simPost('/_sim/voice/move', { user_id: USERS.erin, channel_id: shared.room });
   const item = voiceItem(a, USERS.erin);
   await item.waitFor();
   await item.getByText('joined in Discord').waitFor();
