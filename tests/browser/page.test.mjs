@@ -74,12 +74,11 @@ function stats(xs) {
 
 before(async () => {
   stack = await new Stack().start();
-  if (stack.standins.length) console.log(`# stand-ins in use for: ${stack.standins.join(', ')} (not on main yet)`);
   browser = await chromium.launch({ executablePath: CHROMIUM, args: ARGS, headless: true });
 });
 
 after(async () => {
-  writeFileSync(join(ARTIFACTS, 'latency.json'), JSON.stringify({ bound_ms: LATENCY_BOUND_MS, standins: stack && stack.standins, joins: timings.joins, leaves: timings.leaves, join_stats: timings.joins.length ? stats(timings.joins) : null, leave_stats: timings.leaves.length ? stats(timings.leaves) : null }, null, 2));
+  writeFileSync(join(ARTIFACTS, 'latency.json'), JSON.stringify({ bound_ms: LATENCY_BOUND_MS, joins: timings.joins, leaves: timings.leaves, join_stats: timings.joins.length ? stats(timings.joins) : null, leave_stats: timings.leaves.length ? stats(timings.leaves) : null }, null, 2));
   if (browser) await browser.close();
   if (stack) await stack.stop();
 });
@@ -215,16 +214,12 @@ test('the fifth player sees "room full" with a way forward', async () => {
   await shot(erin, '07-room-full');
 });
 
-test('an expired invite and an invalid invite show their state', async (t) => {
+test('an expired invite and an invalid invite show their state', async () => {
   const erin = players.erin.page;
   await erin.goto('/invite/not-a-real-invite');
   await erin.getByRole('heading', { name: 'This invite link is not valid' }).waitFor();
   await shot(erin, '08-invite-invalid');
-  if (!stack.roomManager) {
-    t.skip('PENDING: the real room-manager runs; minting an expired signed invite needs its signing key');
-    return;
-  }
-  await erin.goto(`/invite/${encodeURIComponent(stack.roomManager.expiredInvite(shared.room))}`);
+  await erin.goto(`/invite/${encodeURIComponent(stack.expiredInvite(shared.room))}`);
   await erin.getByRole('heading', { name: 'This invite has expired' }).waitFor();
   assert.equal(await erin.getByTestId('invite-problem').getAttribute('data-code'), 'invite_expired');
   await shot(erin, '09-invite-expired');
@@ -252,13 +247,9 @@ test('after an edge restart the page reconnects and shows the current member lis
   assert.deepEqual(names, [USERS.alice, USERS.dave].sort());
 });
 
-test('the closing banner counts down, and deletion returns everyone to the start page', async (t) => {
+test('the closing banner counts down, and deletion returns everyone to the start page', async () => {
   const a = players.alice.page;
   const b = players.bob.page;
-  if (!stack.roomManager) {
-    t.skip('PENDING: the real room-manager runs; its idle scan cannot be triggered from the test yet');
-    return;
-  }
   // Nobody in voice → the idle scan's 30 s warning.
   await stack.voiceDisconnect(USERS.alice);
   await stack.voiceDisconnect(USERS.dave);
@@ -266,7 +257,8 @@ test('the closing banner counts down, and deletion returns everyone to the start
   await a.locator('#dropout[open]').waitFor();
   await a.keyboard.press('Escape');
   await a.locator('#dropout:not([open])').waitFor({ state: 'attached' });
-  await stack.roomManager.startClosing(shared.room, 30000);
+  // room-manager again, now with a 1 s idle limit scanned every 0.5 s: the 30 s warning follows.
+  await stack.restartRoomManager({ VOICEROOMS__ROOMS__IDLE_TIMEOUT_MS: '1000', VOICEROOMS__ROOMS__CLEANUP_INTERVAL_MS: '500' });
   for (const p of [a, b]) {
     await p.getByTestId('closing-banner').filter({ hasText: /closes in (30|29|28) s/ }).waitFor();
   }

@@ -1,19 +1,16 @@
 // Starts the real stack on free ports for the browser tests and stops it afterwards:
 // nats-server (JetStream, temp dir), discord-sim, gateway-listener, room-manager and edge
 // binaries (from $CARGO_TARGET_DIR or target/, built by `cargo build --bins`), configured as
-// scripts/dev does. Then checks whether room-manager answers commands and whether
-// gateway-listener holds a gateway session; where one does not yet (still skeletons on main),
-// the matching stand-in of standin.mjs takes its place, and `stack.standins` says so.
+// scripts/dev does. Then checks that room-manager answers commands and that gateway-listener
+// holds a gateway session with the simulator; if either does not, the tests fail loudly.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, mkdirSync, openSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import net from 'node:net';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, createHmac } from 'node:crypto';
 import { connect } from 'nats';
-
-import { RoomManagerStandIn, GatewayStandIn } from './standin.mjs';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 export const ARTIFACTS = process.env.VR_ARTIFACTS || join(ROOT, 'artifacts', 'browser');
@@ -68,7 +65,6 @@ export class Stack {
     this.dir = mkdtempSync(join(tmpdir(), 'vr-browser-'));
     this.logs = join(this.dir, 'logs');
     mkdirSync(this.logs);
-    this.standins = [];
   }
 
   spawn(name, cmd, args, env) {
@@ -108,13 +104,15 @@ export class Stack {
       VOICEROOMS__OAUTH__REDIRECT_URL: `${this.base}/auth/callback`,
       VOICEROOMS__EDGE__DEFAULT_GUILD: GUILD,
       VOICEROOMS__SESSION__KEY: randomBytes(48).toString('base64'),
+      // Known to the tests, so they can sign an already-expired invite.
+      VOICEROOMS__INVITES__SECRET: randomBytes(48).toString('base64'),
     };
     for (const name of ['gateway-listener', 'room-manager', 'edge']) this.startService(name);
     for (const name of ['gateway-listener', 'room-manager', 'edge']) {
       await waitFor(`${name} ready`, () => ok(`http://127.0.0.1:${this.ports[name]}/readyz`), 30000);
     }
     this.nc = await connect({ servers: this.natsUrl, name: 'browser-tests' });
-    await this.adoptStandIns();
+    await this.requireRealServices();
     return this;
   }
 
@@ -138,34 +136,32 @@ export class Stack {
     await waitFor('edge ready again', () => ok(`${this.base}/readyz`), 30000);
   }
 
-  async adoptStandIns() {
-    // room-manager: does anything answer its commands with a decodable reply?
-    let real = false;
-    try {
-      const reply = await this.nc.request('roommgr.v1.list_mine', JSON.stringify({ requester: { id: USERS.alice, username: 'alice' } }), { timeout: 2000 });
-      const body = JSON.parse(new TextDecoder().decode(reply.data));
-      real = !!(body && body.ok && Array.isArray(body.ok.rooms));
-    } catch (_) {
-      real = false;
-    }
-    if (!real) {
-      this.roomManager = new RoomManagerStandIn({ nc: this.nc, sim: this.sim, guild: GUILD });
-      await this.roomManager.start();
-      this.standins.push('room-manager');
-    }
-    // gateway-listener: does it hold a session with the simulator (give it a few seconds)?
-    const hasSession = await waitFor('gateway session', async () => {
+  /** The real room-manager answers, and the real gateway-listener holds a gateway session. */
+  async requireRealServices() {
+    const reply = await this.nc.request('roommgr.v1.list_mine', JSON.stringify({ requester: { id: USERS.alice, username: 'alice' } }), { timeout: 10000 });
+    const body = JSON.parse(new TextDecoder().decode(reply.data));
+    if (!(body && body.ok && Array.isArray(body.ok.rooms))) throw new Error(`room-manager answered ${JSON.stringify(body)}`);
+    await waitFor('gateway-listener holds a gateway session with the simulator', async () => {
       const s = await (await fetch(`${this.sim}/_sim/sessions`)).json();
       return s.sessions.some((x) => x.connected);
-    }, 8000).catch(() => false);
-    if (!hasSession) {
-      this.gateway = new GatewayStandIn({ nc: this.nc, sim: this.sim, onVoice: (e) => this.roomManager && this.roomManager.onVoice(e) });
-      await this.gateway.start();
-      this.standins.push('gateway-listener');
-    } else if (this.roomManager) {
-      // The real gateway-listener publishes; the stand-in room-manager follows its events.
-      await this.roomManager.followVoiceEvents();
-    }
+    }, 30000);
+  }
+
+  /** An invite for `room` signed with room-manager's key whose 24 h ended an hour ago. */
+  expiredInvite(room) {
+    const b64 = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
+    const now = Math.floor(Date.now() / 1000);
+    const header = b64({ alg: 'HS256', typ: 'JWT' });
+    const claims = b64({ room, guild: GUILD, channel: room, role: '1', sub: USERS.alice, iat: now - 90000, exp: now - 3600, jti: 'expired' });
+    const signature = createHmac('sha256', this.env.VOICEROOMS__INVITES__SECRET).update(`${header}.${claims}`).digest('base64url');
+    return `${header}.${claims}.${signature}`;
+  }
+
+  /** Restarts room-manager with extra settings (e.g. short idle times) and waits until ready. */
+  async restartRoomManager(extra) {
+    await this.stopService('room-manager');
+    this.spawn('room-manager', bin('room-manager'), [], { ...this.env, ...extra, VOICEROOMS__HTTP__PORT: String(this.ports['room-manager']) });
+    await waitFor('room-manager ready again', () => ok(`http://127.0.0.1:${this.ports['room-manager']}/readyz`), 30000);
   }
 
   /** The simulator's control API. */
@@ -187,8 +183,6 @@ export class Stack {
   }
 
   async stop() {
-    if (this.gateway) this.gateway.stop();
-    if (this.roomManager) this.roomManager.stop();
     if (this.nc) await this.nc.close().catch(() => {});
     for (const name of ['edge', 'room-manager', 'gateway-listener', 'discord-sim', 'nats-server']) {
       await this.stopService(name).catch(() => {});
