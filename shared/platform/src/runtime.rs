@@ -173,6 +173,12 @@ impl ServiceBuilder {
                 .configure(crate::ops::routes)
                 .configure(configure.clone())
         })
+        // Small frames (WebSocket events) must not wait for Nagle's algorithm.
+        .on_connect(|conn, _| {
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
         .workers(self.common.http.workers)
         .disable_signals()
         .shutdown_timeout(grace.as_secs().max(1))
