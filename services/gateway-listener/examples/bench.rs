@@ -48,7 +48,13 @@ async fn main() -> anyhow::Result<()> {
                 token: Some(Secret::new("sim-bot-token")),
                 api_base: sim.api_url(),
             },
-            gateway: GatewayConfig::default(),
+            gateway: GatewayConfig {
+                publish_window: std::env::var("BENCH_WINDOW")
+                    .ok()
+                    .and_then(|w| w.parse().ok())
+                    .unwrap_or(256),
+                ..GatewayConfig::default()
+            },
         },
     };
     let app = Application::build(settings).await?;
@@ -109,9 +115,17 @@ async fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(total);
+    // Where the time goes (ms resolution): gateway receive → publish, publish → our receipt.
+    let (mut in_gateway, mut after_publish) = (0u64, 0u64);
     while latencies.len() < total {
         let msg = tokio::time::timeout(Duration::from_secs(30), live.next()).await?;
-        anyhow::ensure!(msg.is_some(), "live feed ended");
+        let Some(msg) = msg else {
+            anyhow::bail!("live feed ended")
+        };
+        if let Ok(e) = voicerooms_contract::RoomEvent::decode(&msg.payload) {
+            in_gateway += e.published_at.saturating_sub(e.received_at);
+            after_publish += voicerooms_contract::now_ms().saturating_sub(e.published_at);
+        }
         let now = Instant::now();
         let sent = sent_rx
             .recv()
@@ -133,6 +147,11 @@ async fn main() -> anyhow::Result<()> {
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         latencies[latencies.len() - 1].as_secs_f64() * 1e3,
+    );
+    println!(
+        "mean ms: gateway receive→publish {:.3}, publish→live receipt {:.3}",
+        in_gateway as f64 / total as f64,
+        after_publish as f64 / total as f64
     );
     let _ = stop_tx.send(());
     let _ = service.await;

@@ -444,7 +444,7 @@ impl Gateway {
             max_frame_size: Some(self.config.max_frame_bytes),
             ..Default::default()
         };
-        let connect = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), false);
+        let connect = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true);
         let ws = tokio::select! {
             _ = stop.cancelled() => return fail("shutdown".into()),
             r = tokio::time::timeout(timeout, connect) => match r {
