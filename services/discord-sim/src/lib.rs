@@ -140,6 +140,13 @@ impl Simulator {
                 .route("/", web::get().to(gateway::connect))
                 .route("/gateway", web::get().to(gateway::connect))
         })
+        // Gateway dispatches are small frames: Nagle's algorithm meeting the client's delayed
+        // ACKs would hold them for up to ~40 ms, as Discord's own edge does not.
+        .on_connect(|conn, _| {
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
         .workers(workers)
         .disable_signals()
         .shutdown_timeout(2)

@@ -146,6 +146,14 @@ impl Reporter {
             message: message.chars().take(400).collect(),
             at: now_ms(),
         };
+        self.metrics
+            .operator_alerts
+            .get_or_create(&vec![
+                ("service".to_owned(), crate::SERVICE.to_owned()),
+                ("code".to_owned(), code.to_owned()),
+                ("severity".to_owned(), severity.as_str().to_owned()),
+            ])
+            .inc();
         match severity {
             Severity::Resolved => {
                 tracing::info!(alert = code, message = %alert.message, "alert resolved")

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub publish_retries: Counter,
     /// Dispatches waiting to be published.
     pub queue_depth: Gauge,
+    /// Operator alerts raised (and resolved) by this replica, by service, code and severity.
+    pub operator_alerts: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -53,12 +55,18 @@ impl Default for Metrics {
             publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             publish_retries: Counter::default(),
             queue_depth: Gauge::default(),
+            operator_alerts: Family::default(),
         }
     }
 }
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "operator_alerts",
+            "Operator alerts raised on ops.alerts.<service>, by code and severity",
+            self.operator_alerts.clone(),
+        );
         r.register(
             "gateway_connected",
             "1 while this replica holds a connected gateway session",

@@ -215,8 +215,13 @@ fn normalize(batches: &[Batch], pos: &mut (usize, usize)) {
 
 async fn send(js: &jetstream::Context, event: &RoomEvent) -> Result<PublishAckFuture, String> {
     let id = event.id.clone().unwrap_or_default();
+    // The publisher task runs outside the dispatch's span: the trace context is the one the
+    // event captured in `gateway.dispatch` (also kept in the payload for readers of the stream).
     let mut headers = async_nats::HeaderMap::new();
-    voicerooms_platform::telemetry::inject(&mut headers);
+    match event.traceparent.as_deref() {
+        Some(tp) => headers.insert("traceparent", tp),
+        None => voicerooms_platform::telemetry::inject(&mut headers),
+    }
     let msg = PublishMessage::build()
         .payload(Bytes::from(event.encode()))
         .headers(headers)

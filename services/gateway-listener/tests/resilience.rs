@@ -1,5 +1,6 @@
 //! gateway-listener under longer faults: convergence after a lost session, the real backoff
-//! schedule and alert, status and metrics, a NATS outage, and standby takeover.
+//! schedule and alert, status and metrics, a NATS outage (also with a full publish queue), and
+//! standby takeover.
 
 mod support;
 
@@ -174,6 +175,73 @@ async fn events_made_while_nats_is_down_are_published_once_it_returns() {
     );
 }
 
+/// The reading of a counter or gauge on `/metrics` (0 when absent).
+fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_full_publish_queue_during_a_nats_outage_holds_discord_back_and_loses_nothing() {
+    // Arrange: the smallest queue (1 dispatch) and window (1 publish in flight), so a short
+    // outage fills them.
+    let mut gw = prepare(SimConfig::for_tests()).await;
+    let config = gateway_listener::GatewayConfig {
+        publish_buffer: 1,
+        publish_window: 1,
+        ..fast_gateway()
+    };
+    gw.start_app(config, TOKEN).await;
+    gw.wait_connected().await;
+    gw.sim.connect_voice(ALICE, LOBBY).unwrap();
+    gw.wait_events(1).await;
+    let read_before = metric_value(&gw.metrics().await, "voicerooms_gateway_events_in_total");
+
+    // Act: NATS goes away and six voice changes (six dispatches) come from Discord.
+    gw.nats.stop();
+    gw.sim.connect_voice(BOB, LOBBY).unwrap();
+    gw.sim.connect_voice(CAROL, LOBBY).unwrap();
+    gw.sim.connect_voice(DAVE, LOBBY).unwrap();
+    gw.sim.move_voice(ALICE, GAMING).unwrap();
+    gw.sim.disconnect_voice(BOB).unwrap();
+    gw.sim.connect_voice(BOB, GAMING).unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "the publish queue full",
+        || async { metric_value(&gw.metrics().await, "voicerooms_gateway_queue_depth") >= 1.0 },
+    )
+    .await;
+    // Backpressure: with one publish retrying, one queued and one held, the listener stops
+    // reading the gateway; the rest waits at "Discord".
+    let read_during =
+        metric_value(&gw.metrics().await, "voicerooms_gateway_events_in_total") - read_before;
+    assert!(
+        read_during < 6.0,
+        "the listener kept reading ({read_during} dispatches) with its queue full"
+    );
+    gw.nats.restart().await;
+    gw.client = gw.nats.client().await;
+
+    // Assert: every change stored once, in order.
+    let events = gw.wait_events(8).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            joined(LOBBY, ALICE),
+            joined(LOBBY, BOB),
+            joined(LOBBY, CAROL),
+            joined(LOBBY, DAVE),
+            left(LOBBY, ALICE),
+            joined(GAMING, ALICE),
+            left(LOBBY, BOB),
+            joined(GAMING, BOB),
+        ]
+    );
+    gw.stop_app().await;
+}
+
 #[tokio::test]
 async fn refused_connections_back_off_1_2_4_8_16_seconds_alert_after_5_and_recover() {
     // Arrange: the real schedule (1 s base, 16 s cap).
@@ -249,6 +317,14 @@ async fn refused_connections_back_off_1_2_4_8_16_seconds_alert_after_5_and_recov
         failing[0].message
     );
     assert_eq!(failing.last().map(|a| a.severity), Some(Severity::Resolved));
+    // The alert rule's metric counts both.
+    let metrics = gw.metrics().await;
+    for severity in ["critical", "resolved"] {
+        let series = format!(
+            "voicerooms_operator_alerts_total{{service=\"gateway-listener\",code=\"gateway_reconnect_failing\",severity=\"{severity}\"}} 1"
+        );
+        assert!(metrics.contains(&series), "{series} not in\n{metrics}");
+    }
     // Nothing lost across 40 s of refusals: the session resumed.
     let events = gw.wait_events(3).await;
     assert_eq!(

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use voicerooms_contract::command::{
     decode_command, encode_reply, CreateRoom, ListMine, RoomCommand,
 };
@@ -111,18 +112,25 @@ pub async fn serve(
         };
         let core = core.clone();
         let token = token.clone();
-        tasks.spawn(async move {
-            // A command still waiting on Discord at shutdown is abandoned (the caller times out;
-            // a create's slot is rolled back by the reconciler).
-            let reply = tokio::select! {
-                _ = token.cancelled() => return,
-                r = dispatch(&core, kind, &request.message.payload) => r,
-            };
-            if let Err(e) = request.respond(Ok(reply.into())).await {
-                tracing::warn!(command = kind.as_str(), error = %e, "reply failed");
+        // One span per command, child of the caller's (the edge's request span) when its
+        // trace context came in the NATS headers; events published while handling carry it on.
+        let span = tracing::info_span!("roommgr.command", command = kind.as_str());
+        voicerooms_platform::telemetry::extract_into(&span, request.message.headers.as_ref());
+        tasks.spawn(
+            async move {
+                // A command still waiting on Discord at shutdown is abandoned (the caller times
+                // out; a create's slot is rolled back by the reconciler).
+                let reply = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = dispatch(&core, kind, &request.message.payload) => r,
+                };
+                if let Err(e) = request.respond(Ok(reply.into())).await {
+                    tracing::warn!(command = kind.as_str(), error = %e, "reply failed");
+                }
+                drop(permit);
             }
-            drop(permit);
-        });
+            .instrument(span),
+        );
     }
     let _ = service.stop().await;
     Ok(())

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tracing::Instrument;
 use twilight_http_ratelimiting::{Endpoint, Method, RateLimitHeaders, RateLimiter};
 use voicerooms_contract::{ApiError, ErrorCode};
 use voicerooms_platform::Secret;
@@ -315,9 +316,34 @@ impl DiscordClient {
         &self.inner.metrics
     }
 
-    /// Sends one request through the rate-limit manager with the retry policy.
-    /// `route` is the path template, for metrics (`/guilds/{g}/channels`).
+    /// Sends one request through the rate-limit manager with the retry policy, in a
+    /// `discord.request` span (child of the command or event being handled) that records the
+    /// final status. `route` is the path template, for metrics (`/guilds/{g}/channels`).
     async fn call(
+        &self,
+        method: Method,
+        route: &'static str,
+        path: String,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, Bytes), DiscordError> {
+        let span = tracing::info_span!(
+            "discord.request",
+            route,
+            method = method.name(),
+            status = tracing::field::Empty
+        );
+        let result = self
+            .call_with_retries(method, route, path, body)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok((status, _)) => span.record("status", *status),
+            Err(e) => span.record("status", tracing::field::display(e)),
+        };
+        result
+    }
+
+    async fn call_with_retries(
         &self,
         method: Method,
         route: &'static str,

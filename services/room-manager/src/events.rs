@@ -15,6 +15,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use voicerooms_contract::command::{RoomState, VoiceOccupant};
 use voicerooms_contract::event::{CloseReason, Event, RoomClosingCancelled};
 use voicerooms_contract::{now_ms, subject, ApiError, GuildId, RoomEvent, RoomId, UserId, UserRef};
@@ -81,10 +82,17 @@ async fn consume(core: &Arc<Core>, durable: &str, token: &CancellationToken) -> 
                 continue;
             }
         };
+        // The event's trace goes on here: from the headers, or the copy in the payload.
+        let span = tracing::info_span!("roommgr.apply", kind = event.kind().as_str(), room = %event.room, seq);
+        voicerooms_platform::telemetry::extract_or_traceparent(
+            &span,
+            msg.headers.as_ref(),
+            event.traceparent.as_deref(),
+        );
         // Unacknowledged on shutdown: another replica (or this one, restarted) gets it again.
         let applied = tokio::select! {
             _ = token.cancelled() => return Ok(()),
-            r = apply(core, &event, seq) => r,
+            r = apply(core, &event, seq).instrument(span) => r,
         };
         match applied {
             Ok(()) => {

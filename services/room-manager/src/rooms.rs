@@ -109,8 +109,13 @@ impl Core {
             )
         });
         ev.id = Some(id.clone());
+        // The command's or event's trace continues in whoever reads this event.
+        ev.traceparent = voicerooms_platform::telemetry::current_traceparent();
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
+        if let Some(tp) = ev.traceparent.as_deref() {
+            headers.insert("traceparent", tp);
+        }
         let ack = self
             .js
             .publish_with_headers(ev.subject(), headers, ev.encode().into())

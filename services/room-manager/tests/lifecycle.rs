@@ -290,6 +290,14 @@ async fn a_replica_killed_in_the_middle_of_a_create_leaves_no_orphans_after_reco
             .any(|e| e.0 == "GET" && e.1.ends_with("/channels"))
     })
     .await;
+    // And its command endpoints are up (a request sent before would find no responder).
+    eventually("the room API answering", || async {
+        client
+            .request("$SRV.PING.room-manager", "".into())
+            .await
+            .is_ok()
+    })
+    .await;
     // The channel POST hangs for 2 s: the replica dies after making the role, mid-channel.
     sim.inject_rest_fault(RestFault {
         kind: RestFaultKind::Slow(Duration::from_secs(2)),

@@ -101,6 +101,17 @@ pub enum Severity {
     Resolved,
 }
 
+impl Severity {
+    /// The wire name (also the `severity` label of `voicerooms_operator_alerts_total`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+            Severity::Resolved => "resolved",
+        }
+    }
+}
+
 /// Published on `ops.alerts.<service>` for conditions a human must look at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorAlert {

@@ -6,8 +6,8 @@
 //! - an HTTP room call makes the edge send its request to room-manager with the context of its
 //!   own exported span in the NATS headers.
 //!
-//! Spans inside gateway-listener and room-manager are not asserted: neither service creates any
-//! yet (docs/OBSERVABILITY.md lists what they owe).
+//! A second test runs every service (simulator, gateway-listener, room-manager, edge) and follows
+//! a room call and a Discord voice event through all of them.
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use futures::StreamExt;
 use ops_e2e::{bin, new_trace, service_env, sign_in, wait_ready, OtlpReceiver, Player, Service};
 use voicerooms_contract::command::{RoomMember, RoomState, RoomView};
 use voicerooms_contract::event::{Event, JoinedVia, VoiceFlags, VoiceJoined};
-use voicerooms_contract::{GuildId, RoleId, RoomEvent, RoomId, UserId, UserRef};
+use voicerooms_contract::{subject, GuildId, RoleId, RoomEvent, RoomId, UserId, UserRef};
 use voicerooms_platform::nats::{ensure_kv, ensure_rooms_stream};
 use voicerooms_testkit::{free_port, wait_until, NatsServer};
 
@@ -189,11 +189,17 @@ async fn a_voice_event_and_a_room_call_carry_one_trace_across_nats_into_the_edge
     drop(edge);
 }
 
-/// The whole voice path: the simulator's VOICE_STATE_UPDATE → gateway-listener (span
-/// `gateway.dispatch`, root of the trace; the event carries its `traceparent`) → NATS → edge
-/// (`edge.fanout`, child of `gateway.dispatch`) → the watcher's socket.
+/// Every service, over the real binaries, each exporting to the receiver:
+/// - a room created over HTTP: the edge's `edge.roommgr_request` → room-manager's
+///   `roommgr.command` (its child, context in the request's NATS headers) with its Discord
+///   calls as `discord.request` children → the `room.created` event it stores carries that
+///   trace on;
+/// - a Discord voice event: the simulator's VOICE_STATE_UPDATE → gateway-listener's
+///   `gateway.dispatch` (root; the event carries its `traceparent` in headers and payload) →
+///   room-manager's `roommgr.apply` and the edge's `edge.fanout` (both its children) → the
+///   watcher's socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_discord_voice_event_is_one_trace_from_gateway_listener_to_the_edge() {
+async fn a_room_call_and_a_discord_voice_event_are_traced_through_every_service() {
     use discord_sim::{seed, SimConfig, Simulator};
     let nats = NatsServer::start().await;
     let receiver = OtlpReceiver::start().await;
@@ -202,8 +208,6 @@ async fn a_discord_voice_event_is_one_trace_from_gateway_listener_to_the_edge() 
         .expect("simulator");
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
-    ensure_rooms_stream(&js, &Default::default()).await.unwrap();
-    let rooms = ensure_kv(&js, "rooms", 1, 1).await.unwrap();
     let (alice_id, alice_name) = seed::USERS[0];
     let alice = UserRef {
         id: UserId::new(alice_id).unwrap(),
@@ -211,34 +215,6 @@ async fn a_discord_voice_event_is_one_trace_from_gateway_listener_to_the_edge() 
         global_name: None,
         avatar: None,
     };
-    // The simulator's Lobby channel stands for a room alice belongs to.
-    let view = RoomView {
-        id: RoomId::new(seed::LOBBY_CHANNEL_ID).unwrap(),
-        guild: GuildId::new(seed::GUILD_ID).unwrap(),
-        name: "lobby".into(),
-        owner: alice.clone(),
-        role: RoleId::new(9).unwrap(),
-        capacity: 4,
-        state: RoomState::Open,
-        members: vec![RoomMember {
-            user: alice.clone(),
-            via: JoinedVia::Owner,
-            joined_at: 1,
-        }],
-        voice: vec![],
-        created_at: 1,
-        last_activity: 1,
-        invite_expires_at: 2,
-        closing_deadline: None,
-        seq: 0,
-    };
-    rooms
-        .put(
-            seed::LOBBY_CHANNEL_ID.to_string(),
-            serde_json::to_vec(&view).unwrap().into(),
-        )
-        .await
-        .unwrap();
     let cookie = sign_in(&js, &alice, 1).await;
 
     let traced = |port: u16, name: &str| {
@@ -249,66 +225,156 @@ async fn a_discord_voice_event_is_one_trace_from_gateway_listener_to_the_edge() 
         env.push(("VOICEROOMS__DISCORD__TOKEN", "sim-bot-token".into()));
         env.push(("VOICEROOMS__DISCORD__API_BASE", sim.api_url()));
         env.push(("VOICEROOMS__GATEWAY__URL", sim.gateway_url().to_string()));
+        env.push((
+            "VOICEROOMS__INVITES__SECRET",
+            "trace-test-invite-secret-0123456789abcdef".into(),
+        ));
         env
     };
-    let gl_port = free_port();
-    let _gateway = Service::spawn(
-        bin("gateway-listener").to_str().unwrap(),
-        &traced(gl_port, "gl-traced"),
-    );
-    let edge_port = free_port();
-    let _edge = Service::spawn(
-        bin("edge").to_str().unwrap(),
-        &traced(edge_port, "edge-traced"),
-    );
-    wait_ready(gl_port, "gateway-listener", Duration::from_secs(30)).await;
-    wait_ready(edge_port, "edge", Duration::from_secs(30)).await;
+    let mut services = Vec::new();
+    for name in ["gateway-listener", "room-manager", "edge"] {
+        let port = free_port();
+        let service = Service::spawn(bin(name).to_str().unwrap(), &traced(port, name));
+        services.push((name, port, service));
+    }
+    for (name, port, _) in &services {
+        wait_ready(*port, name, Duration::from_secs(30)).await;
+    }
+    let edge_port = services[2].1;
 
-    let mut watcher = Player::connect(edge_port, &cookie).await.expect("player");
-    let ack = watcher
-        .subscribe(seed::LOBBY_CHANNEL_ID, None)
+    // 1. alice creates a room through the edge's HTTP API.
+    let created: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{edge_port}/api/rooms"))
+        .header("Cookie", format!("vr_session={cookie}"))
+        .header("Origin", format!("http://127.0.0.1:{edge_port}"))
+        .json(&serde_json::json!({"name": "traced", "guild": seed::GUILD_ID.to_string()}))
+        .send()
         .await
-        .unwrap();
-    assert_eq!(ack["event"], "subscribed", "{ack}");
-    sim.connect_voice(alice_id, seed::LOBBY_CHANNEL_ID)
-        .expect("alice joins voice");
-    let frame = loop {
-        let frame = watcher.next(Duration::from_secs(15)).await.unwrap();
-        if frame["type"] == "event" {
-            break frame;
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    assert!(created["room"]["id"].is_string(), "created: {created}");
+    let room_id: u64 = created["room"]["id"].as_str().unwrap().parse().unwrap();
+    let span_named = |name: &'static str, service: &'static str| {
+        let receiver = &receiver;
+        move || async move {
+            receiver
+                .spans()
+                .iter()
+                .any(|s| s.name == name && s.service == service)
         }
     };
-    assert_eq!(frame["event"], "voice.joined", "{frame}");
-    let seq = frame["seq"].as_u64().unwrap().to_string();
-
     wait_until(
         Duration::from_secs(15),
-        "the edge's fan-out span",
-        || async { receiver.spans().iter().any(|s| s.name == "edge.fanout") },
+        "room-manager's command span",
+        span_named("roommgr.command", "room-manager"),
     )
     .await;
-    let fanout = receiver
+    let command = receiver
         .spans()
         .into_iter()
-        .find(|s| s.name == "edge.fanout")
+        .find(|s| s.name == "roommgr.command")
         .unwrap();
     wait_until(
         Duration::from_secs(15),
-        "gateway-listener's span in the same trace",
+        "the edge's request span, parent of the command's",
         || async {
             receiver
                 .spans()
                 .iter()
-                .any(|s| s.service == "gateway-listener" && s.span_id == fanout.parent_span_id)
+                .any(|s| s.span_id == command.parent_span_id)
         },
     )
     .await;
-    let parent = receiver
+    let request = receiver
         .spans()
         .into_iter()
-        .find(|s| s.span_id == fanout.parent_span_id)
+        .find(|s| s.span_id == command.parent_span_id)
         .unwrap();
-    assert_eq!(parent.name, "gateway.dispatch");
-    assert_eq!(parent.trace_id, fanout.trace_id, "one trace");
-    assert!(!seq.is_empty());
+    assert_eq!(request.name, "edge.roommgr_request");
+    assert_eq!(request.service, "edge");
+    assert_eq!(request.trace_id, command.trace_id, "one trace");
+    // The Discord calls it made (role, channel, member role) are its children.
+    wait_until(
+        Duration::from_secs(15),
+        "room-manager's Discord calls under the command",
+        || async {
+            receiver
+                .spans()
+                .iter()
+                .filter(|s| {
+                    s.name == "discord.request"
+                        && s.parent_span_id == command.span_id
+                        && s.trace_id == command.trace_id
+                })
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    // The stored room.created event continues the command's trace.
+    let stream = js.get_stream(subject::ROOMS_STREAM).await.unwrap();
+    let stored = stream
+        .get_last_raw_message_by_subject(&format!(
+            "rooms.{}.{room_id}.room.created",
+            seed::GUILD_ID
+        ))
+        .await
+        .expect("room.created stored");
+    let event = RoomEvent::decode(&stored.payload).expect("room event");
+    let traceparent = event
+        .traceparent
+        .expect("room.created carries a traceparent");
+    assert_eq!(
+        traceparent.split('-').nth(1),
+        Some(command.trace_id.as_str()),
+        "room.created is in the command's trace: {traceparent}"
+    );
+
+    // 2. alice watches her room and joins its voice channel in "Discord".
+    let mut watcher = Player::connect(edge_port, &cookie).await.expect("player");
+    let ack = watcher.subscribe(room_id, None).await.unwrap();
+    assert_eq!(ack["event"], "subscribed", "{ack}");
+    sim.connect_voice(alice_id, room_id)
+        .expect("alice joins the room's voice channel");
+    let frame = loop {
+        let frame = watcher.next(Duration::from_secs(15)).await.unwrap();
+        if frame["type"] == "event" && frame["event"] == "voice.joined" {
+            break frame;
+        }
+    };
+    assert_eq!(frame["room"], room_id.to_string(), "{frame}");
+
+    // The fan-out and the apply of that event are children of one gateway.dispatch span.
+    let dispatch_with_children = || {
+        let spans = receiver.spans();
+        spans
+            .iter()
+            .filter(|d| d.name == "gateway.dispatch" && d.service == "gateway-listener")
+            .find(|d| {
+                let child = |name: &str, service: &str| {
+                    spans.iter().any(|s| {
+                        s.name == name
+                            && s.service == service
+                            && s.parent_span_id == d.span_id
+                            && s.trace_id == d.trace_id
+                    })
+                };
+                child("edge.fanout", "edge") && child("roommgr.apply", "room-manager")
+            })
+            .cloned()
+    };
+    wait_until(
+        Duration::from_secs(15),
+        "gateway.dispatch with edge.fanout and roommgr.apply as children",
+        || async { dispatch_with_children().is_some() },
+    )
+    .await;
+    let dispatch = dispatch_with_children().unwrap();
+    assert!(
+        dispatch.parent_span_id.is_empty() || dispatch.parent_span_id.chars().all(|c| c == '0'),
+        "gateway.dispatch is the root: {dispatch:?}"
+    );
+    drop(services);
 }
