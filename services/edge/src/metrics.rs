@@ -23,6 +23,8 @@ pub struct EdgeMetrics {
     pub bad_events: Counter,
     pub bad_frames: Counter,
     pub slow_consumer_closes: Counter,
+    /// Bytes of frames waiting in all connections' outgoing queues (queue depth).
+    pub queued_bytes: Gauge,
     pub auth_failures: Counter,
     pub rejected_connections: Counter,
     /// Seconds from the event's `received_at` (gateway receive time) to its fan-out here.
@@ -44,6 +46,7 @@ impl Default for EdgeMetrics {
             bad_events: Counter::default(),
             bad_frames: Counter::default(),
             slow_consumer_closes: Counter::default(),
+            queued_bytes: Gauge::default(),
             auth_failures: Counter::default(),
             rejected_connections: Counter::default(),
             fanout_latency: Histogram::new(LATENCY_BUCKETS),
@@ -104,6 +107,11 @@ impl EdgeMetrics {
             "slow_consumer_closes",
             "Connections closed with 1008 for a full queue",
             self.slow_consumer_closes.clone(),
+        );
+        r.register(
+            "queued_bytes",
+            "Bytes of frames waiting in the outgoing queues of all connections (queue depth)",
+            self.queued_bytes.clone(),
         );
         r.register(
             "auth_failures",

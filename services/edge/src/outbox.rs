@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytestring::ByteString;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, Notify};
 
 /// What the writer sends, in order.
@@ -18,47 +19,62 @@ pub enum Out {
     /// An event frame with its gateway receive time, for the end-to-end latency histogram.
     Event(ByteString, u64),
     Ping,
-    Close(u16, String),
+    Close(u16, &'static str),
+}
+
+/// State shared by a connection's producers and its writer (one allocation per connection).
+struct Shared {
+    /// Bytes of frames queued and not yet handed to the socket.
+    queued: AtomicUsize,
+    overflowed: AtomicBool,
+    overflow: Notify,
+    /// Bytes queued across every connection (`voicerooms_edge_queued_bytes`); moves with
+    /// `queued`.
+    total: Gauge,
+}
+
+impl Drop for Shared {
+    /// The last handle is gone: frames still queued (a closed or overflowed connection) are
+    /// dropped with the channel, so they leave the total too.
+    fn drop(&mut self) {
+        let left = *self.queued.get_mut();
+        if left > 0 {
+            self.total.dec_by(left as i64);
+        }
+    }
 }
 
 /// The producer side, cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::UnboundedSender<Out>,
-    queued: Arc<AtomicUsize>,
-    overflowed: Arc<AtomicBool>,
-    overflow: Arc<Notify>,
+    shared: Arc<Shared>,
     limit: usize,
 }
 
 /// The writer side.
 pub struct Inbox {
     pub rx: mpsc::UnboundedReceiver<Out>,
-    queued: Arc<AtomicUsize>,
-    overflowed: Arc<AtomicBool>,
-    overflow: Arc<Notify>,
+    shared: Arc<Shared>,
 }
 
-/// A queue holding at most `limit` bytes of frames.
-pub fn outbox(limit: usize) -> (Outbox, Inbox) {
+/// A queue holding at most `limit` bytes of frames; `total` counts the bytes queued across all
+/// connections.
+pub fn outbox(limit: usize, total: Gauge) -> (Outbox, Inbox) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let overflowed = Arc::new(AtomicBool::new(false));
-    let overflow = Arc::new(Notify::new());
+    let shared = Arc::new(Shared {
+        queued: AtomicUsize::new(0),
+        overflowed: AtomicBool::new(false),
+        overflow: Notify::new(),
+        total,
+    });
     (
         Outbox {
             tx,
-            queued: queued.clone(),
-            overflowed: overflowed.clone(),
-            overflow: overflow.clone(),
+            shared: shared.clone(),
             limit,
         },
-        Inbox {
-            rx,
-            queued,
-            overflowed,
-            overflow,
-        },
+        Inbox { rx, shared },
     )
 }
 
@@ -75,23 +91,26 @@ impl Outbox {
     }
 
     fn enqueue(&self, frame: &ByteString, received_at: Option<u64>) -> bool {
-        if self.overflowed.load(Ordering::Relaxed) {
+        let shared = &*self.shared;
+        if shared.overflowed.load(Ordering::Relaxed) {
             return false;
         }
         let len = frame.len();
-        let total = self.queued.fetch_add(len, Ordering::AcqRel) + len;
+        let total = shared.queued.fetch_add(len, Ordering::AcqRel) + len;
         if total > self.limit {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-            self.overflowed.store(true, Ordering::Release);
-            self.overflow.notify_one();
+            shared.queued.fetch_sub(len, Ordering::AcqRel);
+            shared.overflowed.store(true, Ordering::Release);
+            shared.overflow.notify_one();
             return false;
         }
+        shared.total.inc_by(len as i64);
         let out = match received_at {
             Some(at) => Out::Event(frame.clone(), at),
             None => Out::Frame(frame.clone()),
         };
         if self.tx.send(out).is_err() {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+            shared.queued.fetch_sub(len, Ordering::AcqRel);
+            shared.total.dec_by(len as i64);
             return false;
         }
         true
@@ -104,11 +123,11 @@ impl Outbox {
 
     /// Bytes waiting to be written.
     pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.shared.queued.load(Ordering::Relaxed)
     }
 
     pub fn is_overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Relaxed)
+        self.shared.overflowed.load(Ordering::Relaxed)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -119,32 +138,31 @@ impl Outbox {
 impl Inbox {
     /// Call after a frame taken from `rx` was written.
     pub fn written(&self, len: usize) {
-        self.queued.fetch_sub(len, Ordering::AcqRel);
+        self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+        self.shared.total.dec_by(len as i64);
     }
 
     pub fn is_overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Acquire)
+        self.shared.overflowed.load(Ordering::Acquire)
     }
 
     /// A handle that resolves when the queue overflows (usable while `rx` is borrowed).
     pub fn overflow_signal(&self) -> OverflowSignal {
         OverflowSignal {
-            overflowed: self.overflowed.clone(),
-            notify: self.overflow.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
 
 /// Resolves when a queue overflows.
 pub struct OverflowSignal {
-    overflowed: Arc<AtomicBool>,
-    notify: Arc<Notify>,
+    shared: Arc<Shared>,
 }
 
 impl OverflowSignal {
     pub async fn wait(&self) {
-        let notified = self.notify.notified();
-        if self.overflowed.load(Ordering::Acquire) {
+        let notified = self.shared.overflow.notified();
+        if self.shared.overflowed.load(Ordering::Acquire) {
             return;
         }
         notified.await;
@@ -157,7 +175,8 @@ mod tests {
 
     #[test]
     fn the_queue_is_bounded_by_bytes() {
-        let (outbox, mut inbox) = outbox(10);
+        let total = Gauge::default();
+        let (outbox, mut inbox) = outbox(10, total.clone());
         let frame = ByteString::from_static("abcd");
         assert!(outbox.push(&frame));
         assert!(outbox.push(&frame));
@@ -172,14 +191,23 @@ mod tests {
             !outbox.push(&ByteString::from_static("a")),
             "stays overflowed"
         );
+        assert_eq!(total.get(), 8, "only queued frames count");
         assert!(matches!(inbox.rx.try_recv(), Ok(Out::Frame(_))));
         inbox.written(4);
         assert_eq!(outbox.queued_bytes(), 4);
+        assert_eq!(total.get(), 4);
+        drop((outbox, inbox));
+        assert_eq!(
+            total.get(),
+            0,
+            "frames dropped with the queue leave the total"
+        );
     }
 
     #[test]
     fn writing_frees_room_in_the_queue() {
-        let (outbox, mut inbox) = outbox(8);
+        let total = Gauge::default();
+        let (outbox, mut inbox) = outbox(8, total.clone());
         let frame = ByteString::from_static("abcd");
         for _ in 0..10 {
             assert!(outbox.push(&frame));
@@ -187,5 +215,26 @@ mod tests {
             inbox.written(4);
         }
         assert_eq!(outbox.queued_bytes(), 0);
+        assert_eq!(total.get(), 0);
+    }
+
+    #[test]
+    fn the_total_counts_every_connection_and_frames_to_a_closed_one_do_not_count() {
+        let total = Gauge::default();
+        let (a, a_in) = outbox(100, total.clone());
+        let (b, b_in) = outbox(100, total.clone());
+        assert!(a.push(&ByteString::from_static("abc")));
+        assert!(b.push(&ByteString::from_static("abcdefg")));
+        assert_eq!(total.get(), 10);
+        drop(b_in);
+        assert!(
+            !b.push(&ByteString::from_static("xy")),
+            "the writer is gone"
+        );
+        assert_eq!(total.get(), 10);
+        drop(b);
+        assert_eq!(total.get(), 3);
+        a_in.written(3);
+        assert_eq!(total.get(), 0);
     }
 }

@@ -161,7 +161,10 @@ impl Connection {
         mut stream: actix_ws::AggregatedMessageStream,
         cookie: Option<String>,
     ) {
-        let (outbox, inbox) = outbox(state.settings.max_queue_bytes);
+        let (outbox, inbox) = outbox(
+            state.settings.max_queue_bytes,
+            state.metrics.queued_bytes.clone(),
+        );
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
         let writer =
             actix_web::rt::spawn(write_loop(session.clone(), inbox, state.metrics.clone()));
@@ -221,7 +224,7 @@ impl Connection {
             }
         }
         if let Flow::Close(code, why) = flow {
-            conn.outbox.control(Out::Close(code, why.to_owned()));
+            conn.outbox.control(Out::Close(code, why));
         }
         for room in conn.rooms.drain() {
             state.hub.detach(room, conn.id).await;
@@ -493,7 +496,7 @@ async fn write_loop(mut session: actix_ws::Session, mut inbox: Inbox, metrics: E
                 Err(_) => Sent::Closed,
             },
             Out::Close(code, why) => {
-                let _ = session.close(Some(reason(code, &why))).await;
+                let _ = session.close(Some(reason(code, why))).await;
                 return;
             }
         };

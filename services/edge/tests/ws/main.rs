@@ -297,6 +297,66 @@ async fn a_client_that_stops_reading_is_closed_with_1008_and_others_keep_receivi
     );
 }
 
+/// The value of an unlabelled series on `/metrics`.
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| {
+            let (series, value) = line.split_once(' ')?;
+            (series == name).then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("{name} not exported:\n{text}"))
+}
+
+#[tokio::test]
+async fn queued_bytes_rise_while_a_client_stops_reading_and_return_to_zero_after_its_close() {
+    let nats = NatsServer::start().await;
+    let world = World::new(&nats).await;
+    let mut s = settings(&nats);
+    s.service.websocket.max_queue_bytes = 64 * 1024;
+    let edge = TestEdge::start(s).await;
+    let alice = user(1);
+    world.put_room(17, std::slice::from_ref(&alice), 0).await;
+    let cookie = edge.login(&alice, 60_000).await;
+    let metrics = edge.metrics_url();
+    const QUEUED: &str = "voicerooms_edge_queued_bytes";
+
+    let mut slow = Client::authed_small_buffer(edge.port, &cookie).await;
+    slow.subscribe(17, None).await;
+    wait_until(Duration::from_secs(5), "an empty queue", || async {
+        metric(&metrics, QUEUED).await == 0.0
+    })
+    .await;
+
+    // The client stops reading; events pile up once the sockets' buffers are full.
+    let mut highest = 0.0_f64;
+    let mut published = 0;
+    while metric(&metrics, "voicerooms_edge_slow_consumer_closes_total").await < 1.0 {
+        assert!(published < 40_000, "the slow client was never closed");
+        for i in 0..20 {
+            world.voice(17, &alice, i % 2 == 0).await;
+        }
+        published += 20;
+        highest = highest.max(metric(&metrics, QUEUED).await);
+    }
+    assert!(
+        highest >= 1024.0,
+        "the queue depth never rose while the client did not read (highest {highest})"
+    );
+    assert!(highest <= 64.0 * 1024.0, "over the queue limit: {highest}");
+
+    assert_eq!(
+        slow.closed_with(Duration::from_secs(30)).await,
+        Some(CloseCode::Policy)
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "queued bytes back to 0",
+        || async { metric(&metrics, QUEUED).await == 0.0 },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_nats_restart_leaves_no_subscriber_missing_an_event() {
     let mut nats = NatsServer::start().await;
