@@ -15,7 +15,7 @@ use std::time::Duration;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
 use bytestring::ByteString;
-use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use voicerooms_contract::{ErrorCode, Millis, RoomId, UserId, UserRef};
 
@@ -91,8 +91,16 @@ pub async fn upgrade(
 ) -> Result<HttpResponse, actix_web::Error> {
     let state = state.into_inner();
     let open = state.open.fetch_add(1, Ordering::AcqRel) + 1;
-    let over_limit = open > state.settings.max_connections;
+    let mut open_slot = OpenSlot {
+        state: state.clone(),
+        admitted: false,
+    };
     let (response, session, stream) = actix_ws::handle(&req, body)?;
+    if open > state.settings.max_connections {
+        state.metrics.rejected_connections.inc();
+        actix_web::rt::spawn(refuse(session, open_slot));
+        return Ok(response);
+    }
     let cookie = req
         .cookie(state.sessions.cookie_name())
         .map(|c| c.value().to_owned());
@@ -100,31 +108,43 @@ pub async fn upgrade(
         .max_frame_size(state.settings.max_frame_bytes)
         .aggregate_continuations()
         .max_continuation_size(state.settings.max_frame_bytes);
-    actix_web::rt::spawn(async move {
-        if over_limit {
-            state.metrics.rejected_connections.inc();
-            let mut session = session;
-            let _ = session
-                .text(protocol::error_code(
-                    "connection_limit",
-                    "connection limit exceeded",
-                    None,
-                ))
-                .await;
-            let _ = session
-                .close(Some(reason(
-                    close::CONNECTION_LIMIT,
-                    "connection limit exceeded",
-                )))
-                .await;
-        } else {
-            state.metrics.connections.inc();
-            Connection::run(state.clone(), session, stream, cookie).await;
-            state.metrics.connections.dec();
-        }
-        state.open.fetch_sub(1, Ordering::AcqRel);
-    });
+    state.metrics.connections.inc();
+    open_slot.admitted = true;
+    actix_web::rt::spawn(Connection::run(open_slot, session, stream, cookie));
     Ok(response)
+}
+
+/// One place in the edge's connection count (and, once admitted, the connections gauge), given
+/// back when dropped — also when the handshake fails.
+struct OpenSlot {
+    state: Arc<WsState>,
+    admitted: bool,
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        if self.admitted {
+            self.state.metrics.connections.dec();
+        }
+        self.state.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Over the edge's connection limit: say so and close (4008).
+async fn refuse(mut session: actix_ws::Session, _slot: OpenSlot) {
+    let _ = session
+        .text(protocol::error_code(
+            "connection_limit",
+            "connection limit exceeded",
+            None,
+        ))
+        .await;
+    let _ = session
+        .close(Some(reason(
+            close::CONNECTION_LIMIT,
+            "connection limit exceeded",
+        )))
+        .await;
 }
 
 fn reason(code: u16, description: &str) -> CloseReason {
@@ -155,84 +175,119 @@ enum Flow {
 }
 
 impl Connection {
-    async fn run(
-        state: Arc<WsState>,
+    /// The connection's task: its reader loop (a writer task is spawned beside it).
+    ///
+    /// Not an `async fn`: the future lives as long as the connection, and an `async fn` keeps its
+    /// arguments twice (as arguments and as the locals they are moved into); the block below
+    /// captures each once. For the same reason the rarely taken awaits (authentication, session
+    /// re-checks, client messages, the end) are boxed: inlined, their largest state would be
+    /// reserved for the whole life of every connection (docs/BENCHMARKS.md, edge).
+    fn run(
+        slot: OpenSlot,
         session: actix_ws::Session,
         mut stream: actix_ws::AggregatedMessageStream,
         cookie: Option<String>,
-    ) {
+    ) -> impl std::future::Future<Output = ()> {
+        let state = slot.state.clone();
         let (outbox, inbox) = outbox(
             state.settings.max_queue_bytes,
             state.metrics.queued_bytes.clone(),
         );
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        let writer =
-            actix_web::rt::spawn(write_loop(session.clone(), inbox, state.metrics.clone()));
+        let writer = actix_web::rt::spawn(write_loop(session, inbox, state.clone()));
         let mut conn = Connection {
             id,
-            state: state.clone(),
+            state,
             outbox,
             auth: None,
             rooms: HashSet::new(),
             last_seen: Instant::now(),
         };
-        let settings = &state.settings;
-        let mut flow = Flow::Continue;
-        if let Some(cookie) = cookie {
-            flow = conn.authenticate(&cookie).await;
-        }
-        let auth_deadline = tokio::time::sleep(Duration::from_millis(settings.auth_timeout_ms));
-        tokio::pin!(auth_deadline);
-        let mut pings = interval(Duration::from_millis(settings.ping_interval_ms));
-        pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        pings.tick().await;
-        let mut session_checks =
-            interval(Duration::from_millis(settings.session_check_interval_ms));
-        session_checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        session_checks.tick().await;
-        let idle = Duration::from_millis(settings.idle_timeout_ms);
-
-        while matches!(flow, Flow::Continue) {
-            flow = tokio::select! {
-                message = stream.recv() => match message {
-                    Some(Ok(message)) => { conn.last_seen = Instant::now(); conn.on_message(message).await }
-                    Some(Err(e)) => {
-                        tracing::debug!(conn = conn.id, error = %e, "websocket protocol error");
-                        conn.state.metrics.bad_frames.inc();
-                        Flow::Close(close::TOO_BIG, "frame too large or invalid")
-                    }
-                    None => break,
-                },
-                _ = &mut auth_deadline, if conn.auth.is_none() => {
-                    conn.state.metrics.auth_failures.inc();
-                    conn.send(protocol::error_code("auth_timeout", "authentication timeout", None));
-                    Flow::Close(close::UNAUTHENTICATED, "authentication timeout")
-                }
-                _ = pings.tick() => {
-                    if conn.last_seen.elapsed() > idle {
-                        Flow::Close(close::IDLE, "no answer to pings")
-                    } else {
-                        conn.outbox.control(Out::Ping);
-                        Flow::Continue
-                    }
-                }
-                _ = session_checks.tick(), if conn.auth.is_some() => conn.recheck_session().await,
-                _ = conn.state.shutdown.cancelled() => Flow::Close(close::GOING_AWAY, "server shutting down"),
-            };
-            if conn.outbox.is_closed() {
-                break;
+        async move {
+            // One timer for the auth deadline, pings and session checks (memory per connection).
+            let settings = &conn.state.settings;
+            let started = Instant::now();
+            let auth_deadline = started + Duration::from_millis(settings.auth_timeout_ms);
+            let ping_every = Duration::from_millis(settings.ping_interval_ms);
+            let check_every = Duration::from_millis(settings.session_check_interval_ms);
+            let mut next_ping = started + ping_every;
+            let mut next_check = started + check_every;
+            let idle = Duration::from_millis(settings.idle_timeout_ms);
+            let mut flow = Flow::Continue;
+            if let Some(cookie) = cookie {
+                flow = Box::pin(conn.authenticate(&cookie)).await;
             }
+            let timer = tokio::time::sleep_until(next_ping.min(auth_deadline));
+            tokio::pin!(timer);
+
+            while matches!(flow, Flow::Continue) {
+                flow = tokio::select! {
+                    message = stream.recv() => match message {
+                        Some(Ok(message)) => {
+                            conn.last_seen = Instant::now();
+                            Box::pin(conn.on_message(message)).await
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(conn = conn.id, error = %e, "websocket protocol error");
+                            conn.state.metrics.bad_frames.inc();
+                            Flow::Close(close::TOO_BIG, "frame too large or invalid")
+                        }
+                        None => break,
+                    },
+                    () = &mut timer => {
+                        let now = Instant::now();
+                        let mut flow = Flow::Continue;
+                        if conn.auth.is_none() && now >= auth_deadline {
+                            conn.state.metrics.auth_failures.inc();
+                            conn.send(protocol::error_code("auth_timeout", "authentication timeout", None));
+                            flow = Flow::Close(close::UNAUTHENTICATED, "authentication timeout");
+                        } else if now >= next_ping {
+                            // A late tick delays the next one (no burst of pings).
+                            next_ping = now + ping_every;
+                            if conn.last_seen.elapsed() > idle {
+                                flow = Flow::Close(close::IDLE, "no answer to pings");
+                            } else {
+                                conn.outbox.control(Out::Ping);
+                            }
+                        }
+                        if matches!(flow, Flow::Continue) && now >= next_check {
+                            next_check = now + check_every;
+                            if conn.auth.is_some() {
+                                flow = Box::pin(conn.recheck_session()).await;
+                            }
+                        }
+                        flow
+                    },
+                    _ = conn.state.shutdown.cancelled() => Flow::Close(close::GOING_AWAY, "server shutting down"),
+                };
+                if conn.outbox.is_closed() {
+                    break;
+                }
+                let mut wake = next_ping.min(next_check);
+                if conn.auth.is_none() {
+                    wake = wake.min(auth_deadline);
+                }
+                if timer.deadline() != wake {
+                    timer.as_mut().reset(wake);
+                }
+            }
+            if let Flow::Close(code, why) = flow {
+                conn.outbox.control(Out::Close(code, why));
+            }
+            Box::pin(conn.finish(writer)).await;
+            drop(slot);
         }
-        if let Flow::Close(code, why) = flow {
-            conn.outbox.control(Out::Close(code, why));
+    }
+
+    /// Leaves the rooms, releases the user's slot and waits for the writer.
+    async fn finish(mut self, writer: actix_web::rt::task::JoinHandle<()>) {
+        for room in std::mem::take(&mut self.rooms) {
+            self.state.hub.detach(room, self.id).await;
         }
-        for room in conn.rooms.drain() {
-            state.hub.detach(room, conn.id).await;
+        if let Some(auth) = &self.auth {
+            self.state.release_user(auth.user.id);
         }
-        if let Some(auth) = &conn.auth {
-            state.release_user(auth.user.id);
-        }
-        drop(conn);
+        drop(self);
         // The writer ends after the close frame, or when the socket is gone.
         let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     }
@@ -469,54 +524,63 @@ async fn send_frame(
     }
 }
 
-async fn write_loop(mut session: actix_ws::Session, mut inbox: Inbox, metrics: EdgeMetrics) {
+/// The writer task. Not an `async fn`, so that its arguments are held once (see
+/// [`Connection::run`]).
+fn write_loop(
+    mut session: actix_ws::Session,
+    mut inbox: Inbox,
+    state: Arc<WsState>,
+) -> impl std::future::Future<Output = ()> {
     let overflow = inbox.overflow_signal();
-    loop {
-        let out = tokio::select! {
-            biased;
-            _ = overflow.wait() => None,
-            out = inbox.rx.recv() => out,
-        };
-        let Some(out) = out else { break };
+    async move {
+        let metrics = &state.metrics;
+        loop {
+            let out = tokio::select! {
+                biased;
+                _ = overflow.wait() => None,
+                out = inbox.rx.recv() => out,
+            };
+            let Some(out) = out else { break };
+            if inbox.is_overflowed() {
+                break;
+            }
+            let sent = match out {
+                Out::Frame(frame) => send_frame(&mut session, &inbox, &overflow, frame).await,
+                Out::Event(frame, received_at) => {
+                    let sent = send_frame(&mut session, &inbox, &overflow, frame).await;
+                    let now = voicerooms_contract::now_ms();
+                    metrics
+                        .delivery_latency
+                        .observe(now.saturating_sub(received_at) as f64 / 1000.0);
+                    sent
+                }
+                Out::Ping => match session.ping(b"").await {
+                    Ok(()) => Sent::Ok,
+                    Err(_) => Sent::Closed,
+                },
+                Out::Close(code, why) => {
+                    let _ = session.close(Some(reason(code, why))).await;
+                    return;
+                }
+            };
+            match sent {
+                Sent::Ok => {}
+                Sent::Closed => return,
+                Sent::Overflowed => break,
+            }
+        }
         if inbox.is_overflowed() {
-            break;
+            metrics.slow_consumer_closes.inc();
+            tracing::info!("closing a slow consumer (outgoing queue over its limit)");
+            // Bounded: a client that never reads again cannot hold this task.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                session.close(Some(reason(
+                    close::SLOW_CONSUMER,
+                    "outgoing queue over its limit; reconnect with since",
+                ))),
+            )
+            .await;
         }
-        let sent = match out {
-            Out::Frame(frame) => send_frame(&mut session, &inbox, &overflow, frame).await,
-            Out::Event(frame, received_at) => {
-                let sent = send_frame(&mut session, &inbox, &overflow, frame).await;
-                let now = voicerooms_contract::now_ms();
-                metrics
-                    .delivery_latency
-                    .observe(now.saturating_sub(received_at) as f64 / 1000.0);
-                sent
-            }
-            Out::Ping => match session.ping(b"").await {
-                Ok(()) => Sent::Ok,
-                Err(_) => Sent::Closed,
-            },
-            Out::Close(code, why) => {
-                let _ = session.close(Some(reason(code, why))).await;
-                return;
-            }
-        };
-        match sent {
-            Sent::Ok => {}
-            Sent::Closed => return,
-            Sent::Overflowed => break,
-        }
-    }
-    if inbox.is_overflowed() {
-        metrics.slow_consumer_closes.inc();
-        tracing::info!("closing a slow consumer (outgoing queue over its limit)");
-        // Bounded: a client that never reads again cannot hold this task.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(10),
-            session.close(Some(reason(
-                close::SLOW_CONSUMER,
-                "outgoing queue over its limit; reconnect with since",
-            ))),
-        )
-        .await;
     }
 }

@@ -4,9 +4,11 @@ mod helpers;
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use helpers::{seqs, settings, user, Client, TestEdge, World};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
 use voicerooms_testkit::{wait_until, NatsServer};
 
 #[tokio::test]
@@ -355,6 +357,47 @@ async fn queued_bytes_rise_while_a_client_stops_reading_and_return_to_zero_after
         || async { metric(&metrics, QUEUED).await == 0.0 },
     )
     .await;
+}
+
+/// Server pings every `ping_interval_ms`; a client that answers stays, one that stops answering
+/// for `idle_timeout_ms` is closed with 4009.
+#[tokio::test]
+async fn the_server_pings_and_closes_a_client_that_stops_answering_with_4009() {
+    let nats = NatsServer::start().await;
+    let mut s = settings(&nats);
+    s.service.websocket.ping_interval_ms = 100;
+    s.service.websocket.idle_timeout_ms = 400;
+    let edge = TestEdge::start(s).await;
+    let cookie = edge.login(&user(1), 60_000).await;
+    let mut client = Client::authed(&edge.ws_url(), &cookie).await;
+
+    // Reading (tungstenite answers each ping with a pong) keeps the connection open well past
+    // the idle timeout.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1_500);
+    let mut pings = 0;
+    while let Ok(message) = tokio::time::timeout_at(until, client.socket.next()).await {
+        match message.expect("socket open").expect("valid frame") {
+            Message::Ping(_) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (5..=20).contains(&pings),
+        "{pings} pings in 1.5 s at a 100 ms interval"
+    );
+
+    // Not reading: no pongs, so the edge gives up after the idle timeout.
+    let metrics = edge.metrics_url();
+    wait_until(
+        Duration::from_secs(5),
+        "the edge closed the silent client",
+        || async { metric(&metrics, "voicerooms_edge_connections").await == 0.0 },
+    )
+    .await;
+    assert_eq!(
+        client.closed_with(Duration::from_secs(5)).await,
+        Some(CloseCode::Library(4009))
+    );
 }
 
 #[tokio::test]
