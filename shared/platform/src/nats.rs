@@ -201,6 +201,22 @@ pub async fn ensure_kv(
 ) -> anyhow::Result<kv::Store> {
     use anyhow::Context as _;
     if let Ok(store) = js.get_key_value(bucket).await {
+        // A replicated bucket made by an earlier version still allows direct (possibly stale)
+        // gets: switch it to leader reads.
+        let name = format!("KV_{bucket}");
+        if let Ok(existing) = js.get_stream(&name).await {
+            let config = existing.cached_info().config.clone();
+            if config.num_replicas > 1 && config.allow_direct {
+                let config = stream::Config {
+                    allow_direct: false,
+                    ..config
+                };
+                match js.update_stream(config).await {
+                    Ok(_) => return js.get_key_value(bucket).await.context("reopening KV"),
+                    Err(e) => tracing::warn!(error = %e, bucket, "could not disable direct gets"),
+                }
+            }
+        }
         return Ok(store);
     }
     let config = stream::Config {
@@ -211,7 +227,10 @@ pub async fn ensure_kv(
         num_replicas: replicas,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        // Direct gets may be answered by any replica, including one that has not applied the
+        // latest write yet: with R3, a room read right after a join could miss the new member
+        // (a subscribe refused, a stale reply). Reads go through the leader when replicated.
+        allow_direct: replicas <= 1,
         discard: stream::DiscardPolicy::New,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()

@@ -198,16 +198,61 @@ impl Drop for NatsCluster {
     }
 }
 
+/// The variable naming the nats-server binary for clusters (scripts/test sets it).
+pub const CLUSTER_NATS_VAR: &str = "VOICEROOMS_CLUSTER_NATS_SERVER";
+
+/// The nats-server for a cluster: `$VOICEROOMS_CLUSTER_NATS_SERVER`, else `$NATS_SERVER_BIN`,
+/// else the one on PATH — and it must be 2.10 or later. nats-server 2.9 (Debian's 2.9.10)
+/// loses concurrent KV compare-and-set writes on replicated buckets (two updates expecting the
+/// same revision both succeed), so a cluster test on it would measure that bug, not ours.
 fn which_nats() -> PathBuf {
-    if let Ok(path) = std::env::var(voicerooms_testkit::NATS_SERVER_BIN_VAR) {
-        return PathBuf::from(path);
+    let bin = std::env::var(CLUSTER_NATS_VAR)
+        .or_else(|_| std::env::var(voicerooms_testkit::NATS_SERVER_BIN_VAR))
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+                .map(|d| d.join("nats-server"))
+                .find(|p| p.is_file())
+        })
+        .expect("nats-server is not installed (apt-get install nats-server)");
+    let version = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    assert!(
+        cluster_capable(&version),
+        "{} is '{version}': the cluster tests need nats-server 2.10 or later (2.9 loses \
+         concurrent KV compare-and-set writes in clusters). scripts/test fetches it; by hand: \
+         `. scripts/lib.sh && ensure_cluster_nats`, which sets {CLUSTER_NATS_VAR}.",
+        bin.display()
+    );
+    bin
+}
+
+/// True for `nats-server: v2.10.0` and later.
+fn cluster_capable(version: &str) -> bool {
+    let Some((_, v)) = version.rsplit_once(" v") else {
+        return false;
+    };
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (2, 10)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cluster_capable_versions() {
+        assert!(super::cluster_capable("nats-server: v2.10.26"));
+        assert!(super::cluster_capable("nats-server: v2.11.0"));
+        assert!(super::cluster_capable("nats-server: v3.0.1"));
+        assert!(!super::cluster_capable("nats-server: v2.9.10"));
+        assert!(!super::cluster_capable(""));
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-        .expect("nats-server is not installed (apt-get install nats-server)")
 }
 
 /// Common environment of a service process.
