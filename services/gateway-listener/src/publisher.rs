@@ -1,10 +1,10 @@
 //! Publishing normalized events to the `ROOMS` stream.
 //!
 //! The connection loop hands one [`Batch`] per gateway dispatch to a bounded queue; one task
-//! publishes them in order through JetStream, pipelining up to `publish_window` publishes and
-//! awaiting every ack. A failed publish (NATS down, ack timeout) is retried with backoff from the
-//! first unacknowledged event, with the same `Nats-Msg-Id`, so what was already stored is stored
-//! once. Nothing is dropped: when the queue is full the connection loop stops reading Discord.
+//! publishes them in order through JetStream, keeping up to `publish_window` publishes in flight
+//! continuously and consuming their acks in order. A failed publish (NATS down, ack timeout) is
+//! retried with backoff from the first unacknowledged event, with the same `Nats-Msg-Id`, so what
+//! was already stored is stored once. Nothing is dropped: when the queue is full the connection loop stops reading Discord.
 //!
 //! After each acknowledged dispatch the task applies its events to a *shadow* voice cache and
 //! records the dispatch's sequence: that pair is the session checkpoint a standby resumes from
@@ -13,8 +13,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +82,13 @@ pub type SharedShadow = Arc<Mutex<Shadow>>;
 pub type Sender = mpsc::Sender<Batch>;
 
 /// Runs until the queue closes (all senders dropped) or `shutdown` fires with the queue empty.
+///
+/// A continuous pipeline: up to `window` publishes are in flight at any time; new dispatches
+/// are taken from the queue while earlier acks are awaited, and acks are consumed in order, so
+/// a dispatch counts as stored (shadow cache and checkpoint advance) only once it and every
+/// dispatch before it are acknowledged. A failed publish or ack drops everything in flight and
+/// re-sends from the first unacknowledged event with the same message ids, after a backoff
+/// (50 ms doubling to 2 s, no limit): what was stored meanwhile is recognised as a duplicate.
 pub async fn run(
     js: jetstream::Context,
     mut rx: mpsc::Receiver<Batch>,
@@ -86,130 +97,140 @@ pub async fn run(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let mut pending: Vec<Batch> = Vec::with_capacity(window);
-    loop {
-        let first = tokio::select! {
-            b = rx.recv() => b,
-            _ = shutdown.cancelled() => {
-                // Publish what is already queued, then stop.
-                rx.close();
-                rx.recv().await
-            }
-        };
-        let Some(first) = first else { return };
-        pending.clear();
-        let mut events = first.events.len();
-        pending.push(first);
-        while events < window {
-            match rx.try_recv() {
-                Ok(b) => {
-                    events += b.events.len();
-                    pending.push(b);
-                }
-                Err(_) => break,
-            }
-        }
-        metrics.queue_depth.set(rx.len() as i64);
-        publish_all(&js, &mut pending, &shadow, &metrics, &shutdown).await;
-    }
-}
-
-/// Publishes every event of `batches` (in order, pipelined), retrying until all are acked.
-async fn publish_all(
-    js: &jetstream::Context,
-    batches: &mut [Batch],
-    shadow: &SharedShadow,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) {
-    let mut delay = Duration::from_millis(50);
-    // (batch, event) of the first event not yet acknowledged; batches before it are done.
-    let mut pos = (0usize, 0usize);
-    let mut applied = 0usize;
+    let window = window.max(1);
+    // Dispatches not yet fully acknowledged, oldest first.
+    let mut queue: VecDeque<Batch> = VecDeque::with_capacity(window);
+    // Events of `queue[0]` acknowledged so far.
+    let mut acked = 0usize;
+    // (index in `queue`, event) of the next event to send.
+    let mut next = (0usize, 0usize);
+    let mut inflight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+    let mut closing = false;
+    let mut closed = false;
+    let mut delay = RETRY_MIN;
     let mut attempt = 0u32;
     loop {
-        normalize(batches, &mut pos);
-        let mut inflight = Vec::new();
-        for (bi, batch) in batches.iter_mut().enumerate().skip(pos.0) {
-            let start = if bi == pos.0 { pos.1 } else { 0 };
-            for (ei, event) in batch.events.iter_mut().enumerate().skip(start) {
-                event.published_at = now_ms();
-                let sent = Instant::now();
-                let r = send(js, event).await;
-                inflight.push(((bi, ei), sent, r));
-            }
-        }
-        let mut error = None;
-        for ((bi, ei), sent, r) in inflight {
-            // After a failure the remaining futures are dropped: they are re-sent below and
-            // de-duplicated by their message ids if they were stored after all.
-            let result = match r {
-                Ok(fut) => fut.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e),
+        // Fill the window.
+        while inflight.len() < window {
+            normalize(&queue, &mut next);
+            let Some(batch) = queue.get_mut(next.0) else {
+                break;
             };
-            match result {
+            let event = &mut batch.events[next.1];
+            event.published_at = now_ms();
+            let sent = Instant::now();
+            let ack: AckFuture = match send(&js, event).await {
+                Ok(fut) => Box::pin(async move { (fut.await.map_err(|e| e.to_string()), sent) }),
+                Err(e) => Box::pin(std::future::ready((Err(e), sent))),
+            };
+            inflight.push_back(ack);
+            next.1 += 1;
+        }
+        complete_front(&mut queue, &mut acked, &mut next, &shadow);
+        if closed && queue.is_empty() {
+            return;
+        }
+        metrics.queue_depth.set(rx.len() as i64);
+        tokio::select! {
+            biased;
+            Some((result, sent)) = inflight.next(), if !inflight.is_empty() => match result {
                 Ok(ack) => {
-                    metrics
-                        .publish_latency
-                        .observe(sent.elapsed().as_secs_f64());
+                    metrics.publish_latency.observe(sent.elapsed().as_secs_f64());
                     if ack.duplicate {
                         metrics.events_duplicate.inc();
                     } else {
                         metrics.events_out.inc();
                     }
-                    let event = &batches[bi].events[ei];
-                    tracing::debug!(
-                        event_id = event.id.as_deref().unwrap_or(""),
-                        kind = event.kind().as_str(),
-                        guild = %event.guild,
-                        room = %event.room,
-                        stream_seq = ack.sequence,
-                        duplicate = ack.duplicate,
-                        "published"
+                    if let Some(event) = queue.front().and_then(|b| b.events.get(acked)) {
+                        tracing::debug!(
+                            event_id = event.id.as_deref().unwrap_or(""),
+                            kind = event.kind().as_str(),
+                            guild = %event.guild,
+                            room = %event.room,
+                            stream_seq = ack.sequence,
+                            duplicate = ack.duplicate,
+                            "published"
+                        );
+                    }
+                    acked += 1;
+                    if attempt > 0 {
+                        tracing::info!(attempts = attempt + 1, "publishing to JetStream recovered");
+                        attempt = 0;
+                        delay = RETRY_MIN;
+                    }
+                }
+                Err(error) => {
+                    // Later publishes may or may not be stored: re-send them all (same ids).
+                    inflight = FuturesOrdered::new();
+                    next = (0, acked);
+                    attempt += 1;
+                    metrics.publish_retries.inc();
+                    tracing::warn!(
+                        error = %error,
+                        attempt,
+                        retry_ms = delay.as_millis() as u64,
+                        "publish to JetStream failed; retrying with the same message ids"
                     );
-                    pos = (bi, ei + 1);
-                    normalize(batches, &mut pos);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        // During shutdown keep retrying (the grace period bounds us), briefly.
+                        _ = shutdown.cancelled() => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                    delay = (delay * 2).min(RETRY_MAX);
                 }
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
+            },
+            b = rx.recv(), if !closed && queue.len() < window => match b {
+                Some(b) => queue.push_back(b),
+                None => closed = true,
+            },
+            _ = shutdown.cancelled(), if !closing => {
+                // Publish what is already queued, then stop.
+                closing = true;
+                rx.close();
             }
+            // Nothing in flight, nothing more to receive, shutdown handled: all done.
+            else => return,
         }
-        if error.is_none() {
-            pos = (batches.len(), 0);
-        }
-        if pos.0 > applied {
-            advance_shadow(shadow, &batches[applied..pos.0]);
-            applied = pos.0;
-        }
-        let Some(error) = error else {
-            if attempt > 0 {
-                tracing::info!(attempts = attempt + 1, "publishing to JetStream recovered");
-            }
-            return;
-        };
-        attempt += 1;
-        metrics.publish_retries.inc();
-        tracing::warn!(
-            error = %error,
-            attempt,
-            retry_ms = delay.as_millis() as u64,
-            "publish to JetStream failed; retrying with the same message ids"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            // During shutdown keep retrying (the grace period bounds us), but do not wait long.
-            _ = shutdown.cancelled() => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 
-/// Moves `pos` past finished batches (and batches without events).
-fn normalize(batches: &[Batch], pos: &mut (usize, usize)) {
-    while pos.0 < batches.len() && pos.1 >= batches[pos.0].events.len() {
-        *pos = (pos.0 + 1, 0);
+type AckFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Result<PublishAck, String>, Instant)> + Send>,
+>;
+
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Moves `next` past finished batches (and batches without events).
+fn normalize(queue: &VecDeque<Batch>, next: &mut (usize, usize)) {
+    while next.0 < queue.len() && next.1 >= queue[next.0].events.len() {
+        *next = (next.0 + 1, 0);
+    }
+}
+
+/// Retires the dispatches at the front whose events are all acknowledged (in order, so every
+/// earlier one is too) into the shadow cache and checkpoint.
+fn complete_front(
+    queue: &mut VecDeque<Batch>,
+    acked: &mut usize,
+    next: &mut (usize, usize),
+    shadow: &SharedShadow,
+) {
+    let mut done = Vec::new();
+    while queue.front().is_some_and(|b| *acked >= b.events.len()) {
+        let Some(batch) = queue.pop_front() else {
+            break;
+        };
+        *acked = 0;
+        *next = if next.0 > 0 {
+            (next.0 - 1, next.1)
+        } else {
+            (0, 0)
+        };
+        done.push(batch);
+    }
+    if !done.is_empty() {
+        advance_shadow(shadow, &done);
     }
 }
 

@@ -521,6 +521,14 @@ async fn the_system_survives_losing_one_of_everything_without_losing_an_event() 
             break;
         }
         if Instant::now() > deadline {
+            for (name, _, p) in &gateways {
+                if let Some(p) = p {
+                    let out = p.output();
+                    let lines: Vec<&str> = out.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+                    eprintln!("--- {name} (last 60 lines)\n{tail}");
+                }
+            }
             panic!("voice changes not all stored after 120 s: (room, made, stored) {counts:?}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
