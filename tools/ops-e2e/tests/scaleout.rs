@@ -525,8 +525,14 @@ async fn the_system_survives_losing_one_of_everything_without_losing_an_event() 
                 if let Some(p) = p {
                     let out = p.output();
                     let lines: Vec<&str> = out.lines().collect();
-                    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-                    eprintln!("--- {name} (last 60 lines)\n{tail}");
+                    let notable: Vec<&str> = lines
+                        .iter()
+                        .copied()
+                        .filter(|l| !l.contains("\"voice state\""))
+                        .collect();
+                    let notable = notable[notable.len().saturating_sub(80)..].join("\n");
+                    let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+                    eprintln!("--- {name} (last 80 lines but voice states)\n{notable}\n--- {name} (last 10 lines)\n{tail}");
                 }
             }
             panic!("voice changes not all stored after 120 s: (room, made, stored) {counts:?}");
