@@ -206,9 +206,18 @@ async fn the_system_survives_losing_one_of_everything_without_losing_an_event() 
         replicas: 3,
         ..Default::default()
     };
-    ensure_rooms_stream(&js, &nats_settings)
-        .await
-        .expect("ROOMS R3");
+    // A fresh cluster may still be electing its JetStream meta leader: retry within a deadline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ensure_rooms_stream(&js, &nats_settings).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("creating ROOMS R3: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("creating ROOMS R3: {e:#}"),
+        }
+    }
     let info = js
         .get_stream(ROOMS_STREAM)
         .await
