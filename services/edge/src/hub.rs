@@ -291,24 +291,20 @@ impl Pump {
                 // Connection events first: a message that arrived after a reconnect must not
                 // be delivered before the repair its disconnect calls for.
                 event = nats_events.recv() => {
-                    let why = match event {
-                        Ok(ConnectionEvent::Disconnected) => Some("nats disconnected"),
-                        Ok(ConnectionEvent::Connected) => Some("nats reconnected"),
-                        Ok(ConnectionEvent::SlowConsumer) => Some("slow consumer"),
-                        Err(broadcast::error::RecvError::Lagged(_)) => Some("missed connection events"),
+                    // Disconnected: the stream cannot be read until the client reconnects
+                    // (then `Connected` repairs at once); the retry timer is the fallback.
+                    let after_disconnect = Duration::from_millis(REPAIR_RETRY_MAX_MS);
+                    let stale = match event {
+                        Ok(ConnectionEvent::Disconnected) => Some(("nats disconnected", after_disconnect)),
+                        Ok(ConnectionEvent::Connected) => Some(("nats reconnected", Duration::ZERO)),
+                        Ok(ConnectionEvent::SlowConsumer) => Some(("slow consumer", Duration::ZERO)),
+                        Err(broadcast::error::RecvError::Lagged(_)) => Some(("missed connection events", Duration::ZERO)),
                         Err(broadcast::error::RecvError::Closed) => None,
                     };
-                    if let Some(why) = why {
+                    if let Some((why, wait)) = stale {
                         self.mark_stale(why);
                         retry = Duration::from_millis(REPAIR_RETRY_MIN_MS);
-                        // Disconnected: the stream cannot be read until the client reconnects
-                        // (then `Connected` repairs at once); the retry timer is the fallback.
-                        next_repair = tokio::time::Instant::now()
-                            + if why == "nats disconnected" {
-                                Duration::from_millis(REPAIR_RETRY_MAX_MS)
-                            } else {
-                                Duration::ZERO
-                            };
+                        next_repair = tokio::time::Instant::now() + wait;
                     }
                 }
                 _ = tokio::time::sleep_until(next_repair), if self.stale.is_some() => {

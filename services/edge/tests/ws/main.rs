@@ -242,16 +242,23 @@ async fn malformed_frames_get_typed_errors_and_the_connection_survives() {
     );
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_with_1008_and_others_keep_receiving() {
+/// An edge whose connections may queue at most 64 KiB, and alice's session for a room she owns.
+async fn small_queue_edge_with_room(room: u64) -> (NatsServer, World, TestEdge, String) {
     let nats = NatsServer::start().await;
     let world = World::new(&nats).await;
     let mut s = settings(&nats);
     s.service.websocket.max_queue_bytes = 64 * 1024;
     let edge = TestEdge::start(s).await;
     let alice = user(1);
-    world.put_room(16, std::slice::from_ref(&alice), 0).await;
+    world.put_room(room, std::slice::from_ref(&alice), 0).await;
     let cookie = edge.login(&alice, 60_000).await;
+    (nats, world, edge, cookie)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_with_1008_and_others_keep_receiving() {
+    let (_nats, world, edge, cookie) = small_queue_edge_with_room(16).await;
+    let alice = user(1);
 
     let mut slow = Client::authed_small_buffer(edge.port, &cookie).await;
     slow.subscribe(16, None).await;
@@ -312,14 +319,8 @@ async fn metric(url: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn queued_bytes_rise_while_a_client_stops_reading_and_return_to_zero_after_its_close() {
-    let nats = NatsServer::start().await;
-    let world = World::new(&nats).await;
-    let mut s = settings(&nats);
-    s.service.websocket.max_queue_bytes = 64 * 1024;
-    let edge = TestEdge::start(s).await;
+    let (_nats, world, edge, cookie) = small_queue_edge_with_room(17).await;
     let alice = user(1);
-    world.put_room(17, std::slice::from_ref(&alice), 0).await;
-    let cookie = edge.login(&alice, 60_000).await;
     let metrics = edge.metrics_url();
     const QUEUED: &str = "voicerooms_edge_queued_bytes";
 
