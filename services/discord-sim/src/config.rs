@@ -200,6 +200,10 @@ impl SimConfig {
     pub fn for_tests() -> Self {
         Self {
             heartbeat_interval: Duration::from_millis(500),
+            // Discord allows 120 sends per 60 s with a 41.25 s heartbeat, so heartbeats use ~2 of
+            // them; at 500 ms they alone would be 120 a minute and every test connection would
+            // be closed with 4008 after a minute. Keep Discord's 120 for everything else.
+            gateway_send_limit: 120 + 2 * 60_000 / 500,
             seed: Some(7),
             max_concurrency: 16,
             ..Self::default()

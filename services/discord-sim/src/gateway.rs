@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 
@@ -214,6 +214,10 @@ impl Connection {
                 msg = stream.recv() => {
                     match msg {
                         None => return End::ClientGone(None),
+                        // The socket failed (e.g. reset by a client that went away): a drop.
+                        Some(Err(ProtocolError::Io(e))) if e.kind() != std::io::ErrorKind::InvalidData => {
+                            return End::ClientGone(None);
+                        }
                         // Oversized or malformed frames: Discord answers with a decode error.
                         Some(Err(_)) => return End::Close(close::DECODE_ERROR),
                         Some(Ok(AggregatedMessage::Close(reason))) => {

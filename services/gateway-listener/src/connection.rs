@@ -543,7 +543,7 @@ impl Gateway {
                 biased;
                 _ = stop.cancelled() => {
                     // 4000, not 1000: the session stays resumable for whoever takes over.
-                    close(&mut sink, protocol::RESUMABLE_CLOSE, "shutting down").await;
+                    close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "shutting down").await;
                     break Ended { established, next: NextStep::Resume, code: None, reason: "shutdown".into() };
                 }
                 _ = tokio::time::sleep_until(next_beat) => {
@@ -619,7 +619,7 @@ impl Gateway {
                                     _ => {
                                         self.report.metrics.events_rejected.inc();
                                         tracing::error!(event = t, "READY without a usable session; reconnecting");
-                                        close(&mut sink, protocol::RESUMABLE_CLOSE, "bad READY").await;
+                                        close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "bad READY").await;
                                         break Ended { established, next: NextStep::Reidentify, code: None, reason: "bad READY".into() };
                                     }
                                 },
@@ -663,13 +663,13 @@ impl Gateway {
                         }
                         op::RECONNECT => {
                             tracing::info!(op = frame.op, "Discord asked us to reconnect");
-                            close(&mut sink, protocol::RESUMABLE_CLOSE, "reconnect requested").await;
+                            close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "reconnect requested").await;
                             break Ended { established, next: NextStep::Resume, code: None, reason: "op 7 RECONNECT".into() };
                         }
                         op::INVALID_SESSION => {
                             let resumable = frame.d.is_some_and(|d| d.get().trim() == "true");
                             tracing::warn!(resumable, "INVALID_SESSION");
-                            close(&mut sink, protocol::RESUMABLE_CLOSE, "invalid session").await;
+                            close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "invalid session").await;
                             let next = if resumable && self.session.is_some() { NextStep::Resume } else { NextStep::Reidentify };
                             break Ended { established, next, code: None, reason: format!("op 9 INVALID_SESSION resumable={resumable}") };
                         }
@@ -808,6 +808,8 @@ fn build_events(
         .collect()
 }
 
+/// Sends a Close with `code` (bounded by [`CLOSE_TIMEOUT`]); for a connection that no longer
+/// answers (zombied).
 async fn close<S>(sink: &mut S, code: u16, reason: &'static str)
 where
     S: futures::Sink<Message> + Unpin,
@@ -816,9 +818,35 @@ where
         code: CloseCode::from(code),
         reason: reason.into(),
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        sink.send(Message::Close(Some(frame))),
-    )
-    .await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
 }
+
+/// Closes with `code` and completes the closing handshake: reads (and discards) until Discord's
+/// Close reply or the end of the stream, so the socket is not torn down with unread data (the
+/// kernel would answer with a reset, and the peer could lose our Close frame and see a broken
+/// connection instead). Bounded by [`CLOSE_TIMEOUT`] in all. What is discarded lies beyond our
+/// sequence, so a resume replays it.
+async fn close_gracefully<S, R, E>(sink: &mut S, stream: &mut R, code: u16, reason: &'static str)
+where
+    S: futures::Sink<Message> + Unpin,
+    R: futures::Stream<Item = Result<Message, E>> + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let handshake = async {
+        if sink.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}
+
+/// Longest wait for our Close to be sent (and, when closing gracefully, answered).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);

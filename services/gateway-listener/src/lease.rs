@@ -63,6 +63,11 @@ impl Lease {
         })
     }
 
+    /// How long a written lease lasts.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     fn value(&self, expires_at: u64) -> Bytes {
         Bytes::from(
             serde_json::to_vec(&LeaseValue {

@@ -291,20 +291,40 @@ async fn renew(
         Ok(s) => s.changed.clone(),
         Err(_) => Arc::new(tokio::sync::Notify::new()),
     };
+    // Fencing: a standby may take the lease once the written expiry has passed, so the holder
+    // stops one renewal interval before the expiry of its last successful write, measured from
+    // when that write was sent. Without it, a holder cut off from NATS (or starved) would keep
+    // the Discord connection and publish beside the replica that took over.
+    let hold = lease.ttl().saturating_sub(every);
+    let mut valid_until = tokio::time::Instant::now() + hold;
     let mut next_renewal = tokio::time::Instant::now() + every;
     loop {
         tokio::select! {
+            biased;
             _ = term.cancelled() => return lease,
+            _ = tokio::time::sleep_until(valid_until) => {
+                tracing::error!(
+                    "shard lease not renewed before it expires; closing our connection so a standby can take over"
+                );
+                term.cancel();
+                return lease;
+            }
             _ = tokio::time::sleep_until(next_renewal) => {
                 next_renewal += every;
-                match lease.renew().await {
-                    Ok(()) => {}
-                    Err(LeaseError::Lost) => {
+                let sent = tokio::time::Instant::now();
+                match tokio::time::timeout(every, lease.renew()).await {
+                    Ok(Ok(())) => valid_until = sent + hold,
+                    Ok(Err(LeaseError::Lost)) => {
                         tracing::error!("another replica took the shard lease; closing our connection");
                         term.cancel();
                         return lease;
                     }
-                    Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                    Err(_) => tracing::warn!("lease renewal timed out; retrying"),
+                }
+                // A renewal that came back too late must not extend a lease that has expired.
+                if tokio::time::Instant::now() >= valid_until {
+                    continue;
                 }
             }
             _ = changed.notified() => {}
@@ -317,7 +337,10 @@ async fn renew(
             _ => None,
         };
         if let Some(c) = checkpoint {
-            if let Err(e) = lease.save_checkpoint(&c).await {
+            let saved = tokio::time::timeout(every, lease.save_checkpoint(&c))
+                .await
+                .unwrap_or_else(|_| Err(LeaseError::Unavailable("timed out".into())));
+            if let Err(e) = saved {
                 tracing::warn!(error = %e, "session checkpoint not saved");
                 if let Ok(mut s) = shadow.lock() {
                     s.dirty = true;

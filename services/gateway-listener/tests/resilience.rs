@@ -137,16 +137,35 @@ fn contains_in_order(haystack: &[GatewayState], needle: &[GatewayState]) -> bool
 
 #[tokio::test]
 async fn events_made_while_nats_is_down_are_published_once_it_returns() {
-    // Arrange
+    // Arrange: lease TTL 1 s, renewed every 200 ms (fast_gateway).
     let mut gw = spawn().await;
     gw.wait_connected().await;
     gw.sim.connect_voice(ALICE, LOBBY).unwrap();
     gw.wait_events(1).await;
 
-    // Act: NATS goes away; voice changes keep coming from Discord.
+    // Act: NATS (also the lease store) goes away; voice changes keep coming from Discord.
     gw.nats.stop();
     gw.sim.connect_voice(BOB, LOBBY).unwrap();
     gw.sim.move_voice(ALICE, GAMING).unwrap();
+    // Fencing: within the TTL the holder closes its Discord connection itself (resumable 4000),
+    // since a standby could take the lease once it expires.
+    wait_until(
+        Duration::from_secs(5),
+        "the holder closing its connection",
+        || async {
+            gw.count(|k| {
+                matches!(
+                    k,
+                    SimEventKind::Disconnected {
+                        code: Some(4000),
+                        by_server: false,
+                        ..
+                    }
+                )
+            }) >= 1
+        },
+    )
+    .await;
     wait_until(
         Duration::from_secs(15),
         "publishes being retried",
@@ -161,7 +180,8 @@ async fn events_made_while_nats_is_down_are_published_once_it_returns() {
     gw.client = gw.nats.client().await;
     gw.sim.connect_voice(CAROL, GAMING).unwrap();
 
-    // Assert: buffered events arrive once, in order, then the sentinel.
+    // Assert: it took the lease again and resumed the session; buffered events arrive once, in
+    // order, then the sentinel.
     let events = gw.wait_events(5).await;
     assert_eq!(
         summary(&events),
@@ -173,6 +193,7 @@ async fn events_made_while_nats_is_down_are_published_once_it_returns() {
             joined(GAMING, CAROL),
         ]
     );
+    assert!(gw.count(|k| matches!(k, SimEventKind::Resume { .. })) >= 1);
 }
 
 /// The reading of a counter or gauge on `/metrics` (0 when absent).

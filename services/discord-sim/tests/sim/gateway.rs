@@ -209,6 +209,47 @@ async fn a_session_closed_by_the_client_with_4000_can_be_resumed() {
 }
 
 #[tokio::test]
+async fn a_connection_reset_by_the_client_is_a_drop_not_a_decode_error() {
+    // Arrange: a session, and a dispatch the client has not read (a reset, not a FIN, on close).
+    let sim = start_default().await;
+    let (gw, sid) = Gw::ready(&sim).await;
+    sim.connect_voice(seed::USERS[0].0, seed::LOBBY_CHANNEL_ID)
+        .expect("alice joins");
+    assert!(
+        wait_until(Duration::from_secs(5), || sim
+            .events()
+            .iter()
+            .any(|e| matches!(&e.kind, SimEventKind::Dispatch { event, .. } if event == "VOICE_STATE_UPDATE")))
+        .await
+    );
+
+    // Act: the socket is reset (SO_LINGER 0).
+    gw.reset();
+
+    // Assert: recorded as the client going away, without a code; the session stays resumable.
+    assert!(
+        wait_until(Duration::from_secs(5), || sim.connection_count() == 0).await,
+        "the connection ends"
+    );
+    let ends: Vec<_> = sim
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            SimEventKind::Disconnected {
+                code, by_server, ..
+            } => Some((code, by_server)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, vec![(None, false)]);
+    let (mut gw, _) = Gw::hello(sim.gateway_url()).await;
+    gw.send(json!({"op": 6, "d": {"token": sim.config().bot_token, "session_id": sid, "seq": 2}}))
+        .await;
+    assert_eq!(gw.dispatch("VOICE_STATE_UPDATE").await["s"], 3);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_wrong_token_is_closed_with_4004() {
     let sim = start_default().await;
     let (mut gw, _) = Gw::hello(sim.gateway_url()).await;

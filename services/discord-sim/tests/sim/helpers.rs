@@ -88,6 +88,15 @@ impl Gw {
         (gw, interval)
     }
 
+    /// Tears the socket down with a TCP reset (SO_LINGER 0), as a crashed client's kernel may.
+    pub fn reset(self) {
+        if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = self.ws.get_ref() {
+            socket2::SockRef::from(tcp)
+                .set_linger(Some(Duration::ZERO))
+                .expect("SO_LINGER");
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.ws
             .send(Message::Text(v.to_string()))
