@@ -193,7 +193,14 @@ impl Supervisor {
             // Standby until the lease is ours.
             let mut announced = false;
             loop {
-                match lease.try_acquire().await {
+                // Bounded, so a request lost while the bucket elects a leader (after a NATS node
+                // loss) costs two polls, not the JetStream timeout. A write that lands after we
+                // gave up names us as holder, and the next poll takes it as ours.
+                let attempt = tokio::time::timeout(2 * renew_every, lease.try_acquire());
+                match attempt
+                    .await
+                    .unwrap_or_else(|_| Err(LeaseError::Unavailable("timed out".into())))
+                {
                     Ok(true) => break,
                     Ok(false) if !announced => {
                         announced = true;

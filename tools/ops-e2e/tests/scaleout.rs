@@ -228,9 +228,16 @@ async fn the_system_survives_losing_one_of_everything_without_losing_an_event() 
         .clone();
     assert_eq!(info.config.num_replicas, 3, "ROOMS is R3");
 
-    let sim = Simulator::start(SimConfig::for_tests())
-        .await
-        .expect("simulator");
+    // The simulator keeps 1,024 dispatches per session for RESUME by default; at this load
+    // (≈ 100 voice changes/s) that is 10 s, less than a leader's unacknowledged backlog after the
+    // node loss plus the lease TTL on a busy machine. Discord documents no count (its sessions
+    // stay resumable for a while), so the run allows 20,000 (≈ 200 s): the standby resumes.
+    let sim = Simulator::start(SimConfig {
+        replay_buffer: 20_000,
+        ..SimConfig::for_tests()
+    })
+    .await
+    .expect("simulator");
 
     // Gateway status from the start: which gateway-listener leads (says connected).
     let statuses: Arc<Mutex<Vec<(Instant, GatewayStatus)>>> = Arc::default();
@@ -744,7 +751,22 @@ async fn the_system_survives_losing_one_of_everything_without_losing_an_event() 
         percentile(&mut latencies, 0.99),
         latencies.last().copied().unwrap_or(0)
     );
+    let sessions: Vec<String> = sim
+        .events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            discord_sim::SimEventKind::Identify { .. } => Some("identify".to_owned()),
+            discord_sim::SimEventKind::Resume { replayed, .. } => {
+                Some(format!("resume (replayed {replayed})"))
+            }
+            discord_sim::SimEventKind::InvalidSession { resumable, .. } => {
+                Some(format!("invalid session (resumable {resumable})"))
+            }
+            _ => None,
+        })
+        .collect();
     println!("SCALEOUT gateway takeover {takeover:?}; watcher reconnects {reconnects:?}");
+    println!("SCALEOUT gateway sessions: {}", sessions.join(", "));
     println!(
         "SCALEOUT joins into a room of capacity 4 (owner + 6 players, one room-manager dead): {join_ok} ok, {join_full} room_full, {joined_members} members added, {ok_but_not_member} ok replies whose room does not list the joiner"
     );
