@@ -100,24 +100,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system) the process has used, from `/proc/<pid>/stat`, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which ends with the last ')'): utime is the 12th, stime
-    // the 13th; in clock ticks (USER_HZ, 100 on Linux).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
 fn user(n: u64) -> UserRef {
     UserRef {
         id: UserId::new(300000000000000000 + n).unwrap(),
@@ -478,7 +460,7 @@ async fn fanout(args: Args, record: bool) {
     );
     let expected_per_event = args.clients / args.rooms;
     let start = Instant::now();
-    let cpu_before = cpu_seconds(bench.edge.pid());
+    let cpu_before = bench.edge.cpu_seconds();
     let total = publish_at(&bench, args.rooms, args.rate, args.seconds, &recorder).await;
     let want = total * expected_per_event as u64;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -486,7 +468,7 @@ async fn fanout(args: Args, record: bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let edge_cpu = cpu_seconds(bench.edge.pid()) - cpu_before;
+    let edge_cpu = bench.edge.cpu_seconds() - cpu_before;
     let delivered = recorder.delivered.load(Ordering::Relaxed);
     // The edge's own cost: frames per second of edge CPU time (user + system), i.e. per core
     // fully used by the edge, whatever the load generator and NATS took.

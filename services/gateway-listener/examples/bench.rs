@@ -7,6 +7,11 @@
 //! cargo run --release -p gateway-listener --example bench -- 0 200000     # saturation
 //! ```
 //!
+//! With `BENCH_PROCESS=1` the gateway-listener runs as its own process (the release binary next
+//! to this example: `cargo build --release -p gateway-listener --bins --examples` first), as in
+//! production, and the bench also reports its CPU time and events per gateway CPU-second — the
+//! service's own capacity per core, apart from the generator and NATS sharing the machine.
+//!
 //! Each voice change is made through the simulator's control API (which enqueues the
 //! VOICE_STATE_UPDATE dispatch on the gateway socket) and timed until the stored event comes
 //! back on the stream's republish subject `live.rooms.>` — so latencies include one extra hop
@@ -19,7 +24,7 @@ use discord_sim::{seed, SimConfig, Simulator};
 use futures::StreamExt;
 use gateway_listener::{Application, GatewayConfig, GatewaySettings, Settings};
 use voicerooms_platform::settings::{CommonSettings, DiscordSettings, Secret};
-use voicerooms_testkit::NatsServer;
+use voicerooms_testkit::{free_port, NatsServer, ServiceProcess};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -38,42 +43,15 @@ async fn main() -> anyhow::Result<()> {
         ..SimConfig::for_tests()
     })
     .await?;
-    let mut common = CommonSettings::with_port(0);
-    common.nats.url = nats.url();
-    common.log.level = "warn".into();
-    let settings = Settings {
-        common,
-        service: GatewaySettings {
-            discord: DiscordSettings {
-                token: Some(Secret::new("sim-bot-token")),
-                api_base: sim.api_url(),
-            },
-            gateway: GatewayConfig {
-                publish_window: std::env::var("BENCH_WINDOW")
-                    .ok()
-                    .and_then(|w| w.parse().ok())
-                    .unwrap_or(256),
-                ..GatewayConfig::default()
-            },
-        },
+    let window_setting: usize = std::env::var("BENCH_WINDOW")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(256);
+    let gateway = if std::env::var("BENCH_PROCESS").is_ok_and(|v| v == "1") {
+        Gateway::Process(spawn_process(&nats, &sim, window_setting).await?)
+    } else {
+        Gateway::InProcess(spawn_in_process(&nats, &sim, window_setting).await?)
     };
-    let app = Application::build(settings).await?;
-    let port = app.port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(app.run_until_stopped(async {
-        let _ = stop_rx.await;
-    }));
-    let readyz = format!("http://127.0.0.1:{port}/readyz");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(&readyz)
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        anyhow::ensure!(Instant::now() < deadline, "gateway-listener not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     let client = nats.client().await;
     let mut live = client.subscribe("live.rooms.>").await?;
@@ -114,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let started = Instant::now();
+    let cpu_before = gateway.cpu_seconds();
     let mut latencies = Vec::with_capacity(total);
     // Where the time goes (ms resolution): gateway receive → publish, publish → our receipt.
     let (mut in_gateway, mut after_publish) = (0u64, 0u64);
@@ -135,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = acked_tx.send(latencies.len());
     }
     let elapsed = started.elapsed();
+    let gateway_cpu = gateway.cpu_seconds().map(|c| c - cpu_before.unwrap_or(0.0));
     producer.await?;
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
@@ -153,8 +133,132 @@ async fn main() -> anyhow::Result<()> {
         in_gateway as f64 / total as f64,
         after_publish as f64 / total as f64
     );
-    let _ = stop_tx.send(());
-    let _ = service.await;
+    if let Some(cpu) = gateway_cpu {
+        println!(
+            "gateway-listener CPU {:.2} s over {:.2} s ({:.0} % of one core); {:.0} events per gateway CPU-second",
+            cpu,
+            elapsed.as_secs_f64(),
+            100.0 * cpu / elapsed.as_secs_f64(),
+            total as f64 / cpu.max(1e-9)
+        );
+    }
+    gateway.stop().await;
     sim.shutdown().await;
     Ok(())
+}
+
+/// The service under test: in this process, or the release binary as a child process.
+enum Gateway {
+    InProcess(
+        (
+            tokio::sync::oneshot::Sender<()>,
+            tokio::task::JoinHandle<anyhow::Result<()>>,
+        ),
+    ),
+    Process(ServiceProcess),
+}
+
+impl Gateway {
+    /// The child's CPU time so far (the in-process service shares this process's).
+    fn cpu_seconds(&self) -> Option<f64> {
+        match self {
+            Gateway::InProcess(_) => None,
+            Gateway::Process(p) => Some(p.cpu_seconds()),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Gateway::InProcess((stop, task)) => {
+                let _ = stop.send(());
+                let _ = task.await;
+            }
+            Gateway::Process(mut p) => {
+                p.terminate();
+                let _ = p.wait_exit(Duration::from_secs(10)).await;
+            }
+        }
+    }
+}
+
+async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(&readyz)
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 200
+    {
+        anyhow::ensure!(Instant::now() < deadline, "gateway-listener not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn spawn_in_process(
+    nats: &NatsServer,
+    sim: &discord_sim::SimHandle,
+    window: usize,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let mut common = CommonSettings::with_port(0);
+    common.nats.url = nats.url();
+    common.log.level = "warn".into();
+    let settings = Settings {
+        common,
+        service: GatewaySettings {
+            discord: DiscordSettings {
+                token: Some(Secret::new("sim-bot-token")),
+                api_base: sim.api_url(),
+            },
+            gateway: GatewayConfig {
+                publish_window: window,
+                ..GatewayConfig::default()
+            },
+        },
+    };
+    let app = Application::build(settings).await?;
+    let port = app.port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(app.run_until_stopped(async {
+        let _ = stop_rx.await;
+    }));
+    wait_ready(port).await?;
+    Ok((stop_tx, service))
+}
+
+async fn spawn_process(
+    nats: &NatsServer,
+    sim: &discord_sim::SimHandle,
+    window: usize,
+) -> anyhow::Result<ServiceProcess> {
+    let bin = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|dir| dir.join("gateway-listener"))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "BENCH_PROCESS=1 needs the binary beside the example: cargo build --release -p gateway-listener --bins --examples"
+            )
+        })?;
+    let port = free_port();
+    let process = ServiceProcess::spawn(
+        &bin.to_string_lossy(),
+        &[
+            ("VOICEROOMS__NATS__URL", nats.url()),
+            ("VOICEROOMS__HTTP__PORT", port.to_string()),
+            ("VOICEROOMS__LOG__LEVEL", "warn".into()),
+            ("VOICEROOMS__DISCORD__TOKEN", "sim-bot-token".into()),
+            ("VOICEROOMS__DISCORD__API_BASE", sim.api_url()),
+            ("VOICEROOMS__GATEWAY__PUBLISH_WINDOW", window.to_string()),
+        ],
+    );
+    wait_ready(port)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; its output:\n{}", process.output()))?;
+    Ok(process)
 }

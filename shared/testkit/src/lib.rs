@@ -240,6 +240,26 @@ impl ServiceProcess {
         self.child.id()
     }
 
+    /// CPU time (user + system) the process has used so far, in seconds, from
+    /// `/proc/<pid>/stat` (benchmarks: cost per unit of work). 0 when unreadable.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which ends with the last ')'): utime is the 12th,
+        // stime the 13th; in clock ticks (USER_HZ, 100 on Linux).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (ticks(11) + ticks(12)) as f64 / 100.0
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
