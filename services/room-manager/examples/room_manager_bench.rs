@@ -1,8 +1,8 @@
 //! Create and join latency and throughput against a zero-latency simulator, one and two replicas.
 //!
 //! ```sh
-//! cargo run --release -p room-manager --example bench            # defaults
-//! BENCH_ROOMS=300 BENCH_CONCURRENCY=16 cargo run --release -p room-manager --example bench
+//! cargo run --release -p room-manager --example room_manager_bench            # defaults
+//! BENCH_ROOMS=300 BENCH_CONCURRENCY=16 cargo run --release -p room-manager --example room_manager_bench
 //! ```
 //!
 //! Each run starts a private nats-server and the simulator (rate limits off, no latency), then

@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! cargo build --release -p edge --bins --examples
-//! target/release/examples/bench idle --connections 100000
-//! target/release/examples/bench fanout --rooms 2500 --clients 10000 --rate 1000 --seconds 20
-//! target/release/examples/bench fanout --rooms 20 --clients 2000 --rate 3000 --seconds 10   # throughput
-//! target/release/examples/bench slow --rooms 5 --clients 50 --rate 1000 --seconds 20
+//! target/release/examples/edge_bench idle --connections 100000
+//! target/release/examples/edge_bench fanout --rooms 2500 --clients 10000 --rate 1000 --seconds 20
+//! target/release/examples/edge_bench fanout --rooms 20 --clients 2000 --rate 3000 --seconds 10   # throughput
+//! target/release/examples/edge_bench slow --rooms 5 --clients 50 --rate 1000 --seconds 20
 //! ```
 //!
 //! Connections come from several 127.0.0.x source addresses (one source has ~28k ports) and

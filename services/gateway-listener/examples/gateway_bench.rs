@@ -2,9 +2,9 @@
 //! gateway-listener, a private nats-server (file storage) and the simulator on loopback.
 //!
 //! ```sh
-//! cargo run --release -p gateway-listener --example bench -- [rate_per_sec] [events]
-//! cargo run --release -p gateway-listener --example bench -- 1000 10000   # paced
-//! cargo run --release -p gateway-listener --example bench -- 0 200000     # saturation
+//! cargo run --release -p gateway-listener --example gateway_bench -- [rate_per_sec] [events]
+//! cargo run --release -p gateway-listener --example gateway_bench -- 1000 10000   # paced
+//! cargo run --release -p gateway-listener --example gateway_bench -- 0 200000     # saturation
 //! ```
 //!
 //! With `BENCH_PROCESS=1` the gateway-listener runs as its own process (the release binary next
