@@ -24,6 +24,7 @@ use discord_sim::{seed, SimConfig, Simulator};
 use futures::StreamExt;
 use gateway_listener::{Application, GatewayConfig, GatewaySettings, Settings};
 use voicerooms_platform::settings::{CommonSettings, DiscordSettings, Secret};
+use voicerooms_testkit::conformance::status_of;
 use voicerooms_testkit::{free_port, NatsServer, ServiceProcess};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -183,17 +184,13 @@ impl Gateway {
 
 async fn wait_ready(port: u16) -> anyhow::Result<()> {
     let readyz = format!("http://127.0.0.1:{port}/readyz");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(&readyz)
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        anyhow::ensure!(Instant::now() < deadline, "gateway-listener not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while status_of(&readyz).await != Some(200) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("gateway-listener not ready within 20 s"))
 }
 
 async fn spawn_in_process(

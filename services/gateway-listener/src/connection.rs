@@ -814,11 +814,7 @@ async fn close<S>(sink: &mut S, code: u16, reason: &'static str)
 where
     S: futures::Sink<Message> + Unpin,
 {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close_frame(code, reason))).await;
 }
 
 /// Closes with `code` and completes the closing handshake: reads (and discards) until Discord's
@@ -831,12 +827,8 @@ where
     S: futures::Sink<Message> + Unpin,
     R: futures::Stream<Item = Result<Message, E>> + Unpin,
 {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    };
     let handshake = async {
-        if sink.send(Message::Close(Some(frame))).await.is_err() {
+        if sink.send(close_frame(code, reason)).await.is_err() {
             return;
         }
         while let Some(Ok(msg)) = stream.next().await {
@@ -846,6 +838,13 @@ where
         }
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
 }
 
 /// Longest wait for our Close to be sent (and, when closing gracefully, answered).

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use voicerooms_contract::now_ms;
 
+use crate::config::GatewayConfig;
 use crate::publisher::Checkpoint;
 
 /// Largest checkpoint written (NATS' default max payload is 1 MiB).
@@ -39,28 +40,42 @@ pub struct Lease {
     checkpoint_key: String,
     instance: String,
     ttl: Duration,
+    op_timeout: Duration,
     revision: Option<u64>,
 }
 
 impl Lease {
+    /// Opens (creating if needed) the lease bucket for the configured shard. Every KV request of
+    /// the lease but the checkpoint read is bounded by one renewal interval, so a request lost while the bucket elects a
+    /// leader (after a NATS node loss) costs one poll, not the JetStream timeout.
     pub async fn open(
         js: &jetstream::Context,
-        bucket: &str,
-        shard: u32,
-        shard_count: u32,
+        config: &GatewayConfig,
         instance: &str,
-        ttl: Duration,
         replicas: usize,
     ) -> anyhow::Result<Self> {
-        let kv = voicerooms_platform::nats::ensure_kv(js, bucket, 1, replicas).await?;
+        let kv =
+            voicerooms_platform::nats::ensure_kv(js, &config.lease_bucket, 1, replicas).await?;
+        let (shard, count) = (config.shard_id, config.shard_count);
         Ok(Self {
             kv,
-            key: format!("shard-{shard}-of-{shard_count}.lease"),
-            checkpoint_key: format!("shard-{shard}-of-{shard_count}.checkpoint"),
+            key: format!("shard-{shard}-of-{count}.lease"),
+            checkpoint_key: format!("shard-{shard}-of-{count}.checkpoint"),
             instance: instance.to_owned(),
-            ttl,
+            ttl: Duration::from_millis(config.lease_ttl_ms),
+            op_timeout: Duration::from_millis(config.lease_renew_ms),
             revision: None,
         })
+    }
+
+    /// `request` within `op_timeout`; a timeout is [`LeaseError::Unavailable`].
+    async fn bounded<T, E>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<Result<T, E>, LeaseError> {
+        tokio::time::timeout(self.op_timeout, request)
+            .await
+            .map_err(|_| LeaseError::Unavailable("lease store request timed out".into()))
     }
 
     /// How long a written lease lasts.
@@ -82,16 +97,15 @@ impl Lease {
     pub async fn try_acquire(&mut self) -> Result<bool, LeaseError> {
         let unavailable = |e: &dyn std::fmt::Display| LeaseError::Unavailable(e.to_string());
         let entry = self
-            .kv
-            .entry(self.key.clone())
-            .await
+            .bounded(self.kv.entry(self.key.clone()))
+            .await?
             .map_err(|e| unavailable(&e))?;
         let value = self.value(now_ms() + self.ttl.as_millis() as u64);
+        // A write that lands after we gave up names us as holder: the next poll takes it as ours.
         let result = match entry {
             None => self
-                .kv
-                .create(&self.key, value)
-                .await
+                .bounded(self.kv.create(&self.key, value))
+                .await?
                 .map_err(|e| e.to_string()),
             Some(entry) => {
                 let current: Option<LeaseValue> = serde_json::from_slice(&entry.value).ok();
@@ -102,9 +116,8 @@ impl Lease {
                 if !free {
                     return Ok(false);
                 }
-                self.kv
-                    .update(&self.key, value, entry.revision)
-                    .await
+                self.bounded(self.kv.update(&self.key, value, entry.revision))
+                    .await?
                     .map_err(|e| e.to_string())
             }
         };
@@ -127,7 +140,7 @@ impl Lease {
             return Err(LeaseError::Lost);
         };
         let value = self.value(now_ms() + self.ttl.as_millis() as u64);
-        match self.kv.update(&self.key, value, rev).await {
+        match self.bounded(self.kv.update(&self.key, value, rev)).await? {
             Ok(rev) => {
                 self.revision = Some(rev);
                 Ok(())
@@ -145,11 +158,17 @@ impl Lease {
         let Some(rev) = self.revision.take() else {
             return;
         };
-        if let Err(e) = self.kv.update(&self.key, self.value(0), rev).await {
+        let released = self
+            .bounded(self.kv.update(&self.key, self.value(0), rev))
+            .await;
+        if let Err(e) = released.and_then(|r| r.map_err(|e| LeaseError::Unavailable(e.to_string())))
+        {
             tracing::warn!(error = %e, "could not release the lease; it expires by itself");
         }
     }
 
+    /// The previous holder's checkpoint. Not bounded by `op_timeout`: losing it means identifying
+    /// instead of resuming, so the read gets the full JetStream timeout.
     pub async fn load_checkpoint(&self) -> Option<Checkpoint> {
         match self.kv.get(self.checkpoint_key.clone()).await {
             Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
@@ -176,9 +195,8 @@ impl Lease {
                 bytes.len()
             )));
         }
-        self.kv
-            .put(&self.checkpoint_key, Bytes::from(bytes))
-            .await
+        self.bounded(self.kv.put(&self.checkpoint_key, Bytes::from(bytes)))
+            .await?
             .map(|_| ())
             .map_err(|e| LeaseError::Unavailable(e.to_string()))
     }

@@ -168,17 +168,7 @@ impl Supervisor {
         let js = async_nats::jetstream::new(self.report.nats.clone());
         let renew_every = Duration::from_millis(self.config.lease_renew_ms);
         let mut lease = loop {
-            match Lease::open(
-                &js,
-                &self.config.lease_bucket,
-                self.config.shard_id,
-                self.config.shard_count,
-                &self.report.instance,
-                Duration::from_millis(self.config.lease_ttl_ms),
-                self.replicas,
-            )
-            .await
-            {
+            match Lease::open(&js, &self.config, &self.report.instance, self.replicas).await {
                 Ok(l) => break l,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "lease bucket not ready; retrying")
@@ -193,14 +183,7 @@ impl Supervisor {
             // Standby until the lease is ours.
             let mut announced = false;
             loop {
-                // Bounded, so a request lost while the bucket elects a leader (after a NATS node
-                // loss) costs two polls, not the JetStream timeout. A write that lands after we
-                // gave up names us as holder, and the next poll takes it as ours.
-                let attempt = tokio::time::timeout(2 * renew_every, lease.try_acquire());
-                match attempt
-                    .await
-                    .unwrap_or_else(|_| Err(LeaseError::Unavailable("timed out".into())))
-                {
+                match lease.try_acquire().await {
                     Ok(true) => break,
                     Ok(false) if !announced => {
                         announced = true;
@@ -319,15 +302,14 @@ async fn renew(
             _ = tokio::time::sleep_until(next_renewal) => {
                 next_renewal += every;
                 let sent = tokio::time::Instant::now();
-                match tokio::time::timeout(every, lease.renew()).await {
-                    Ok(Ok(())) => valid_until = sent + hold,
-                    Ok(Err(LeaseError::Lost)) => {
+                match lease.renew().await {
+                    Ok(()) => valid_until = sent + hold,
+                    Err(LeaseError::Lost) => {
                         tracing::error!("another replica took the shard lease; closing our connection");
                         term.cancel();
                         return lease;
                     }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
-                    Err(_) => tracing::warn!("lease renewal timed out; retrying"),
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
                 }
                 // A renewal that came back too late must not extend a lease that has expired.
                 if tokio::time::Instant::now() >= valid_until {
@@ -344,10 +326,7 @@ async fn renew(
             _ => None,
         };
         if let Some(c) = checkpoint {
-            let saved = tokio::time::timeout(every, lease.save_checkpoint(&c))
-                .await
-                .unwrap_or_else(|_| Err(LeaseError::Unavailable("timed out".into())));
-            if let Err(e) = saved {
+            if let Err(e) = lease.save_checkpoint(&c).await {
                 tracing::warn!(error = %e, "session checkpoint not saved");
                 if let Ok(mut s) = shadow.lock() {
                     s.dirty = true;
