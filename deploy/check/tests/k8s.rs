@@ -2,6 +2,16 @@
 //! --strict`, offline) and against the rules production relies on: probes, requests, grace
 //! periods above the services' own, secrets only from Secret objects, R3 NATS, HPA and PDBs.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects
+)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::config::intents;
 use crate::log::SimEventKind;
 use crate::state::{lock, ConnCmd, ConnHandle, GwSession, Sim};
+use crate::util::{instant_after, set, tokio_deadline};
 use crate::world::Dispatch;
 
 /// Discord's limit on one client payload.
@@ -100,7 +101,10 @@ pub async fn connect(
         .max_frame_size(64 * 1024)
         .aggregate_continuations()
         .max_continuation_size(64 * 1024);
-    let conn = sim.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+    let conn = sim
+        .next_conn
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(1);
     let (tx, rx) = mpsc::channel(sim.config.connection_queue.max(1));
     let kill = Arc::new(Notify::new());
     lock(&sim.gateway).conns.insert(
@@ -183,7 +187,7 @@ impl Connection {
             return End::ClientGone(None);
         }
         self.sim.record(SimEventKind::Hello { conn: self.conn });
-        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = tokio_deadline(timeout);
         loop {
             tokio::select! {
                 biased;
@@ -231,7 +235,7 @@ impl Connection {
                         Some(Ok(AggregatedMessage::Text(text))) => {
                             match self.on_text(&text).await {
                                 Ok(heartbeat) => if heartbeat {
-                                    deadline = tokio::time::Instant::now() + timeout;
+                                    deadline = tokio_deadline(timeout);
                                 },
                                 Err(end) => return end,
                             }
@@ -346,8 +350,11 @@ impl Connection {
         }
         let shard = match d.get("shard") {
             None | Some(Value::Null) => (0, 1),
-            Some(Value::Array(a)) if a.len() == 2 => match (a[0].as_u64(), a[1].as_u64()) {
-                (Some(id), Some(n)) if n >= 1 && id < n => (id, n),
+            Some(Value::Array(a)) => match a.as_slice() {
+                [id, n] => match (id.as_u64(), n.as_u64()) {
+                    (Some(id), Some(n)) if n >= 1 && id < n => (id, n),
+                    _ => return Err(End::Close(close::INVALID_SHARD)),
+                },
                 _ => return Err(End::Close(close::INVALID_SHARD)),
             },
             _ => return Err(End::Close(close::INVALID_SHARD)),
@@ -366,7 +373,7 @@ impl Connection {
             }
             if gw.session_starts_reset.is_none_or(|t| now >= t) {
                 gw.session_starts_used = 0;
-                gw.session_starts_reset = Some(now + Duration::from_secs(86_400));
+                gw.session_starts_reset = Some(instant_after(now, Duration::from_secs(86_400)));
             }
             if gw.identify_times.len() >= self.sim.config.max_concurrency.max(1) as usize {
                 Some("max_concurrency exceeded")
@@ -374,7 +381,7 @@ impl Connection {
                 Some("session start limit exhausted")
             } else {
                 gw.identify_times.push_back(now);
-                gw.session_starts_used += 1;
+                gw.session_starts_used = gw.session_starts_used.saturating_add(1);
                 None
             }
         };
@@ -410,12 +417,12 @@ impl Connection {
                 .map(crate::world::user_json)
                 .unwrap_or(Value::Null);
             let mut user = bot;
-            user["verified"] = json!(true);
-            user["mfa_enabled"] = json!(false);
+            set(&mut user, "verified", json!(true));
+            set(&mut user, "mfa_enabled", json!(false));
             let guild_ids: Vec<u64> = world
                 .guilds
                 .values()
-                .filter(|g| g.bot_member && (g.id >> 22) % shard.1 == shard.0)
+                .filter(|g| g.bot_member && shard_of(g.id, shard.1) == shard.0)
                 .map(|g| g.id)
                 .collect();
             let mut events = vec![Dispatch {
@@ -442,7 +449,7 @@ impl Connection {
                 if let Some(guild) = world.guilds.get(g) {
                     let mut d = world.guild_json(guild);
                     if wanted & intents::GUILD_VOICE_STATES == 0 {
-                        d["voice_states"] = json!([]);
+                        set(&mut d, "voice_states", json!([]));
                     }
                     events.push(Dispatch {
                         t: "GUILD_CREATE",
@@ -497,7 +504,11 @@ impl Connection {
             match gw.sessions.get_mut(&sid) {
                 None => Outcome::Unknown,
                 Some(s) if seq > s.seq => Outcome::BadSeq,
-                Some(s) if s.buffer.front().is_some_and(|(first, _)| seq + 1 < *first) => {
+                Some(s)
+                    if s.buffer
+                        .front()
+                        .is_some_and(|(first, _)| seq.saturating_add(1) < *first) =>
+                {
                     Outcome::TooOld
                 }
                 Some(s) => {
@@ -613,7 +624,10 @@ impl Connection {
                     }
                 }
             }
-            prune_detached(&mut gw, sim.config.max_connections.max(16) * 4);
+            prune_detached(
+                &mut gw,
+                sim.config.max_connections.max(16).saturating_mul(4),
+            );
         }
         sim.record(SimEventKind::Disconnected {
             conn,
@@ -624,6 +638,12 @@ impl Connection {
 }
 
 /// Keeps at most `max` sessions; the longest-detached go first.
+/// The shard a guild belongs to, as Discord computes it: `(guild_id >> 22) % shard_count` (a count
+/// of 0 is treated as 1).
+pub(crate) fn shard_of(guild_id: u64, shard_count: u64) -> u64 {
+    (guild_id >> 22).checked_rem(shard_count).unwrap_or(0)
+}
+
 fn prune_detached(gw: &mut crate::state::GatewayState, max: usize) {
     while gw.sessions.len() > max {
         let oldest = gw

@@ -12,6 +12,7 @@ use crate::config::SimConfig;
 use crate::error::SimError;
 use crate::log::{SimEvent, SimEventKind};
 use crate::state::{lock, ConnCmd, RestFault, Sim, MAX_REST_FAULTS};
+use crate::util::{instant_after, tokio_deadline};
 use crate::world::{self, channel_type, Actor, ChannelSpec, VoiceFlags};
 
 /// A running simulator. Dropping it does not stop the server: call [`SimHandle::shutdown`].
@@ -354,7 +355,7 @@ impl SimHandle {
     /// Refuses new gateway connections (HTTP 503 on the upgrade) for `d`.
     pub fn refuse_connections_for(&self, d: Duration) {
         self.fault(format!("refuse connections for {d:?}"));
-        lock(&self.sim.faults).refuse_until = Some(Instant::now() + d);
+        lock(&self.sim.faults).refuse_until = Some(instant_after(Instant::now(), d));
     }
 
     /// Queues a REST fault (429, 5xx or slow answers) for the next matching requests.
@@ -510,7 +511,7 @@ impl SimHandle {
             let period = Duration::from_secs_f64(1.0 / f64::from(spec.events_per_sec));
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let end = tokio::time::Instant::now() + Duration::from_secs(spec.max_seconds);
+            let end = tokio_deadline(Duration::from_secs(spec.max_seconds));
             let mut sent = 0u32;
             let mut i = 0usize;
             while sent < spec.count && tokio::time::Instant::now() < end {
@@ -520,10 +521,15 @@ impl SimHandle {
                     break;
                 }
                 tick.tick().await;
-                let user = users[i % users.len()];
-                let step = i / users.len();
-                i += 1;
-                let target = channels[step % channels.len()];
+                // Both lists were checked non-empty above.
+                let step = i.checked_div(users.len()).unwrap_or(0);
+                let pick = |list: &[u64], k: usize| {
+                    k.checked_rem(list.len()).and_then(|k| list.get(k)).copied()
+                };
+                let (Some(user), Some(target)) = (pick(&users, i), pick(&channels, step)) else {
+                    break;
+                };
+                i = i.wrapping_add(1);
                 let current = lock(&sim.world)
                     .guild(guild)
                     .ok()
@@ -535,7 +541,7 @@ impl SimHandle {
                     _ => sim.mutate(|w| w.voice_join(guild, user, target, Actor::Moderator)),
                 };
                 if r.is_ok() {
-                    sent += 1;
+                    sent = sent.saturating_add(1);
                 }
             }
             sim.load_running.store(false, Ordering::SeqCst);
@@ -560,7 +566,7 @@ impl SimHandle {
         self.sim.shutting_down.store(true, Ordering::SeqCst);
         self.sim.load_running.store(false, Ordering::SeqCst);
         self.sim.command_connections(None, || ConnCmd::Close(1001));
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = instant_after(Instant::now(), Duration::from_secs(2));
         while self.connection_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -85,7 +85,10 @@ impl Simulator {
         let id_base = {
             use rand::Rng;
             // Snowflake-sized ids; seeded runs get the same ids every time.
-            1_100_000_000_000_000_000 + rng.random_range(0..1_000_000_000u64) * 1_000
+            // At most 1.1e18 + 1e12: far below u64::MAX.
+            rng.random_range(0..1_000_000_000u64)
+                .saturating_mul(1_000)
+                .saturating_add(1_100_000_000_000_000_000)
         };
         let mut world = world::World::new(
             config.bot_user_id,

@@ -127,7 +127,7 @@ impl EventLog {
             unix_ms: crate::util::unix_ms(),
             kind,
         });
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
     }
 
     /// Entries with `id > since`.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
@@ -13,6 +13,7 @@ use sha2::Digest;
 
 use crate::log::SimEventKind;
 use crate::state::{lock, Sim};
+use crate::util::instant_after;
 
 /// Most codes / tokens kept at once (expired ones go first).
 const MAX_GRANTS: usize = 10_000;
@@ -200,7 +201,7 @@ pub async fn authorize(
                 redirect_uri: Some(redirect.clone()),
                 scope,
                 challenge,
-                expires: Instant::now() + cfg.code_lifetime,
+                expires: instant_after(Instant::now(), cfg.code_lifetime),
                 used: false,
             },
         );
@@ -262,7 +263,7 @@ fn issue(sim: &Sim, o: &mut OAuthState, user_id: u64, scope: &str) -> Value {
         AccessGrant {
             user_id,
             scope: scope.to_owned(),
-            expires: now + cfg.access_token_lifetime,
+            expires: instant_after(now, cfg.access_token_lifetime),
             refresh: refresh.clone(),
         },
     );
@@ -271,7 +272,7 @@ fn issue(sim: &Sim, o: &mut OAuthState, user_id: u64, scope: &str) -> Value {
         RefreshGrant {
             user_id,
             scope: scope.to_owned(),
-            expires: now + cfg.refresh_token_lifetime,
+            expires: instant_after(now, cfg.refresh_token_lifetime),
             access: access.clone(),
         },
     );
@@ -410,7 +411,8 @@ pub fn revoke(sim: &Sim, auth: Option<&str>, body: &[u8]) -> OAuthReply {
 /// Lifetimes shortened for a test that wants expiry within seconds.
 pub fn expire_all_access_tokens(sim: &Sim) {
     let mut o = lock(&sim.oauth);
-    let past = Instant::now() - Duration::from_millis(1);
+    // A grant is valid while `now < expires`, so "now" is already in the past for every check.
+    let past = Instant::now();
     for a in o.access.values_mut() {
         a.expires = past;
     }

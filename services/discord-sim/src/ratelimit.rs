@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::config::RateLimitConfig;
-use crate::util::unix_secs_f64;
+use crate::util::{instant_after, unix_secs_f64};
 
 /// Bucket headers sent on every rate-limited route.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +103,10 @@ impl RateLimiter {
             let retry = self
                 .invalid
                 .front()
-                .map(|t| (*t + self.cfg.invalid_request_window).saturating_duration_since(now))
+                .map(|t| {
+                    instant_after(*t, self.cfg.invalid_request_window)
+                        .saturating_duration_since(now)
+                })
                 .unwrap_or_default();
             return Decision::Banned {
                 retry_after: retry.as_secs_f64(),
@@ -127,14 +130,14 @@ impl RateLimiter {
                 *count = 0;
             }
             if *count >= self.cfg.global_per_second {
-                let retry = (*start + Duration::from_secs(1)).saturating_duration_since(now);
+                let retry = Duration::from_secs(1).saturating_sub(now.duration_since(*start));
                 return Decision::Limited {
                     scope: "global",
                     retry_after: retry.as_secs_f64(),
                     headers: None,
                 };
             }
-            *count += 1;
+            *count = count.saturating_add(1);
         }
         if self.buckets.len() >= MAX_BUCKETS {
             self.buckets.retain(|_, b| b.reset_at > now);
@@ -148,11 +151,11 @@ impl RateLimiter {
             .entry((bucket.clone(), major))
             .or_insert(Bucket {
                 remaining: limit,
-                reset_at: now + window,
+                reset_at: instant_after(now, window),
             });
         if now >= b.reset_at {
             b.remaining = limit;
-            b.reset_at = now + window;
+            b.reset_at = instant_after(now, window);
         }
         let reset_after = b.reset_at.saturating_duration_since(now).as_secs_f64();
         let headers = |remaining| BucketHeaders {
@@ -169,7 +172,7 @@ impl RateLimiter {
                 headers: Some(headers(0)),
             };
         }
-        b.remaining -= 1;
+        b.remaining = b.remaining.saturating_sub(1);
         Decision::Allow(headers(b.remaining))
     }
 

@@ -13,6 +13,7 @@ use crate::log::SimEventKind;
 use crate::oauth;
 use crate::ratelimit::{BucketHeaders, Decision};
 use crate::state::{lock, RestFaultKind, Sim};
+use crate::util::set;
 use crate::world::{self, channel_type, Actor, ChannelPatch, ChannelSpec, Overwrite};
 
 /// A Discord JSON error: `{code, message, errors?}` with its HTTP status.
@@ -59,7 +60,7 @@ impl ApiError {
     fn body(&self) -> Value {
         let mut v = json!({"message": self.message, "code": self.code});
         if let Some(e) = &self.errors {
-            v["errors"] = e.clone();
+            set(&mut v, "errors", e.clone());
         }
         v
     }
@@ -910,15 +911,16 @@ fn handle(sim: &Arc<Sim>, who: &Caller, auth: Option<&str>, body: &[u8], op: &Op
             };
             let mut v = world::user_json(world.user(id)?);
             if let Caller::Bearer { scope, .. } = who {
-                v["locale"] = json!("en-US");
-                v["mfa_enabled"] = json!(false);
-                v["premium_type"] = json!(0);
+                set(&mut v, "locale", json!("en-US"));
+                set(&mut v, "mfa_enabled", json!(false));
+                set(&mut v, "premium_type", json!(0));
                 if scope.split_whitespace().any(|s| s == "email") {
-                    v["email"] = json!(format!(
+                    let email = format!(
                         "{}@sim.invalid",
-                        v["username"].as_str().unwrap_or("user")
-                    ));
-                    v["verified"] = json!(true);
+                        v.get("username").and_then(Value::as_str).unwrap_or("user")
+                    );
+                    set(&mut v, "email", json!(email));
+                    set(&mut v, "verified", json!(true));
                 }
             }
             Ok((200, Some(v)))

@@ -161,11 +161,11 @@ impl Sim {
                     continue;
                 }
                 if let Some(g) = ev.guild_id {
-                    if (g >> 22) % s.shard.1.max(1) != s.shard.0 {
+                    if crate::gateway::shard_of(g, s.shard.1) != s.shard.0 {
                         continue;
                     }
                 }
-                s.seq += 1;
+                s.seq = s.seq.saturating_add(1);
                 let frame: Arc<str> =
                     format!(r#"{{"op":0,"s":{},"t":"{}","d":{}}}"#, s.seq, ev.t, d).into();
                 if s.buffer.len() >= self.config.replay_buffer.max(1) {
@@ -194,13 +194,13 @@ impl Sim {
     /// Sends a command to every live connection (or those of one session).
     pub fn command_connections(&self, session: Option<&str>, make: impl Fn() -> ConnCmd) -> usize {
         let gw = lock(&self.gateway);
-        let mut n = 0;
+        let mut n = 0usize;
         for h in gw.conns.values() {
             if session.is_some_and(|s| h.session.as_deref() != Some(s)) {
                 continue;
             }
             if h.tx.try_send(make()).is_ok() {
-                n += 1;
+                n = n.saturating_add(1);
             }
         }
         n
@@ -233,7 +233,7 @@ impl Sim {
         }
         use rand::Rng;
         let extra = lock(&self.rng).random_range(0..=jitter.as_micros() as u64);
-        base + Duration::from_micros(extra)
+        base.saturating_add(Duration::from_micros(extra))
     }
 
     pub fn random_hex(&self, len: usize) -> String {

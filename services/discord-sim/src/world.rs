@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::config::{intents, perms};
 use crate::error::SimError;
-use crate::util::{iso8601, unix_ms};
+use crate::util::{iso8601, set, unix_ms};
 
 /// Discord channel types the simulator knows.
 pub mod channel_type {
@@ -219,7 +219,7 @@ impl World {
 
     /// Next snowflake-shaped id (monotonic, deterministic for a given seed).
     pub fn next_id(&mut self) -> u64 {
-        self.next_id += 1;
+        self.next_id = self.next_id.saturating_add(1);
         self.next_id
     }
 
@@ -504,7 +504,7 @@ impl World {
             deaf: false,
         };
         let mut d = member_json(&member, &user);
-        d["guild_id"] = json!(guild_id.to_string());
+        set(&mut d, "guild_id", json!(guild_id.to_string()));
         self.guild_mut(guild_id)?.members.insert(user_id, member);
         Ok((
             true,
@@ -664,7 +664,7 @@ impl World {
         // Discord puts a new role just above @everyone, below every existing role.
         for r in self.guild_mut(guild_id)?.roles.values_mut() {
             if r.position >= 1 {
-                r.position += 1;
+                r.position = r.position.saturating_add(1);
             }
         }
         let position = 1;
@@ -755,7 +755,7 @@ impl World {
             user: user_id,
         })?;
         let mut d = member_json(member, self.user(user_id)?);
-        d["guild_id"] = json!(guild_id.to_string());
+        set(&mut d, "guild_id", json!(guild_id.to_string()));
         Ok(Dispatch {
             t: "GUILD_MEMBER_UPDATE",
             d,
@@ -861,7 +861,7 @@ impl World {
             }
         }
         let session = format!("{:032x}", self.next_voice_session);
-        self.next_voice_session += 1;
+        self.next_voice_session = self.next_voice_session.wrapping_add(1);
         let guild = self.guild_mut(guild_id)?;
         guild
             .voice
@@ -887,7 +887,7 @@ impl World {
         let member = guild.members.get(&user_id).cloned();
         let user = self.user(user_id)?;
         let mut d = voice_state_json(&state, member.as_ref(), user, Some(guild_id));
-        d["channel_id"] = Value::Null;
+        set(&mut d, "channel_id", Value::Null);
         Ok((
             (),
             vec![Dispatch {
@@ -978,18 +978,22 @@ impl World {
             })
             .collect();
         let mut obj = self.guild_base_json(g);
-        obj["joined_at"] = json!(iso8601(g.created_ms));
-        obj["large"] = json!(false);
-        obj["unavailable"] = json!(false);
-        obj["member_count"] = json!(g.members.len());
-        obj["members"] = Value::Array(members);
-        obj["voice_states"] = Value::Array(voice_states);
-        obj["channels"] = Value::Array(g.channels.values().map(channel_json).collect());
-        obj["threads"] = json!([]);
-        obj["presences"] = json!([]);
-        obj["stage_instances"] = json!([]);
-        obj["guild_scheduled_events"] = json!([]);
-        obj["soundboard_sounds"] = json!([]);
+        set(&mut obj, "joined_at", json!(iso8601(g.created_ms)));
+        set(&mut obj, "large", json!(false));
+        set(&mut obj, "unavailable", json!(false));
+        set(&mut obj, "member_count", json!(g.members.len()));
+        set(&mut obj, "members", Value::Array(members));
+        set(&mut obj, "voice_states", Value::Array(voice_states));
+        set(
+            &mut obj,
+            "channels",
+            Value::Array(g.channels.values().map(channel_json).collect()),
+        );
+        set(&mut obj, "threads", json!([]));
+        set(&mut obj, "presences", json!([]));
+        set(&mut obj, "stage_instances", json!([]));
+        set(&mut obj, "guild_scheduled_events", json!([]));
+        set(&mut obj, "soundboard_sounds", json!([]));
         obj
     }
 
@@ -1095,15 +1099,15 @@ pub fn channel_json(c: &Channel) -> Value {
         "flags": 0,
     });
     if c.is_voice() {
-        v["user_limit"] = json!(c.user_limit);
-        v["bitrate"] = json!(c.bitrate);
-        v["rtc_region"] = Value::Null;
-        v["last_message_id"] = Value::Null;
-        v["rate_limit_per_user"] = json!(0);
+        set(&mut v, "user_limit", json!(c.user_limit));
+        set(&mut v, "bitrate", json!(c.bitrate));
+        set(&mut v, "rtc_region", Value::Null);
+        set(&mut v, "last_message_id", Value::Null);
+        set(&mut v, "rate_limit_per_user", json!(0));
     } else if c.kind == channel_type::GUILD_TEXT {
-        v["topic"] = Value::Null;
-        v["last_message_id"] = Value::Null;
-        v["rate_limit_per_user"] = json!(0);
+        set(&mut v, "topic", Value::Null);
+        set(&mut v, "last_message_id", Value::Null);
+        set(&mut v, "rate_limit_per_user", json!(0));
     }
     v
 }
@@ -1146,9 +1150,9 @@ pub fn voice_state_json(
         "request_to_speak_timestamp": null,
     });
     if let Some(g) = guild_id {
-        d["guild_id"] = json!(g.to_string());
+        set(&mut d, "guild_id", json!(g.to_string()));
         if let Some(m) = m {
-            d["member"] = member_json(m, u);
+            set(&mut d, "member", member_json(m, u));
         }
     }
     d

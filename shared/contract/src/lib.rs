@@ -13,6 +13,8 @@
 //! - [`status`]: gateway status and operator alerts.
 //! - [`command`]: room-manager's requests, replies and the stable [`command::ErrorCode`]s.
 //! - [`wire`]: size limits, version check and validation shared by every decoder.
+//! - [`text`]: cutting text to a byte budget on a character boundary (`String::truncate` and
+//!   `&s[..n]` panic inside a multi-byte character: never use them on text from outside).
 //!
 //! Every decoder returns a typed [`wire::DecodeError`]; nothing here panics on input.
 
@@ -21,6 +23,7 @@ pub mod event;
 pub mod ids;
 pub mod status;
 pub mod subject;
+pub mod text;
 pub mod wire;
 
 pub use command::{ApiError, ErrorCode};

@@ -132,8 +132,9 @@ fn parse_shard(s: &str) -> Result<u32, SubjectError> {
     s.parse().map_err(|_| SubjectError::BadShard(truncate(s)))
 }
 
+/// Input quoted in an error, cut to 200 bytes.
 fn truncate(s: &str) -> String {
-    s.chars().take(200).collect()
+    crate::text::truncate_str(s, 200).to_owned()
 }
 
 /// `rooms.<guild>.<room>.<kind>`: where one room event is published.

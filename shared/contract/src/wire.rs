@@ -90,8 +90,9 @@ fn check_size(bytes: &[u8]) -> Result<(), DecodeError> {
 }
 
 fn malformed(e: serde_json::Error) -> DecodeError {
+    // serde_json quotes the offending input, which may be multi-byte text.
     let mut msg = e.to_string();
-    msg.truncate(300);
+    crate::text::truncate_string(&mut msg, 300);
     DecodeError::Malformed(msg)
 }
 
@@ -136,4 +137,33 @@ pub fn check_token(field: &'static str, value: &str, max: usize) -> Result<(), D
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Count {
+        #[allow(dead_code)]
+        n: u64,
+    }
+
+    impl Validate for Count {
+        fn validate(&self) -> Result<(), DecodeError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_malformed_message_quoting_multibyte_text_is_an_error_not_a_panic() {
+        // serde_json quotes the offending string in its message; with 4-byte characters the
+        // 300-byte cut lands inside one at some length. Every length up to past the cut.
+        for n in 0..120 {
+            let text = "\u{1d4d0}".repeat(n);
+            let body = format!("{{\"n\":\"{text}\"}}");
+            let err = decode_unversioned::<Count>(body.as_bytes()).unwrap_err();
+            assert!(matches!(err, DecodeError::Malformed(_)), "{err:?}");
+        }
+    }
 }

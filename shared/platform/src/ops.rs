@@ -152,7 +152,7 @@ pub fn probe(port: u16) -> anyhow::Result<()> {
     stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut head = [0u8; 32];
     let n = stream.read(&mut head)?;
-    let line = String::from_utf8_lossy(&head[..n]);
+    let line = String::from_utf8_lossy(head.get(..n).unwrap_or_default());
     if line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200") {
         Ok(())
     } else {

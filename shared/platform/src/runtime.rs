@@ -124,7 +124,7 @@ impl ServiceBuilder {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delay = delay.saturating_mul(2).min(Duration::from_secs(5));
             }
         });
         let check: ReadinessCheck = Box::new(move || {
@@ -235,7 +235,7 @@ impl Service {
                 };
             }
         }
-        let deadline = Instant::now() + self.grace;
+        let started = Instant::now();
         self.ops.set_draining();
         self.shutdown.cancel();
         self.tasks.close();
@@ -249,8 +249,9 @@ impl Service {
                 "tasks still running at the end of the grace period"
             );
         }
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
+        let remaining = self
+            .grace
+            .saturating_sub(started.elapsed())
             .max(Duration::from_millis(100));
         match tokio::time::timeout(remaining, self.nats.drain()).await {
             Ok(Ok(())) => {}

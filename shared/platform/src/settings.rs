@@ -484,7 +484,8 @@ impl CommonSettings {
     pub fn instance_name(&self, service: &str) -> String {
         if self.instance.is_empty() {
             let id = uuid::Uuid::new_v4().simple().to_string();
-            format!("{service}-{}", &id[..8])
+            // A simple UUID is 32 ASCII hex digits, so `get` always succeeds.
+            format!("{service}-{}", id.get(..8).unwrap_or(&id))
         } else {
             self.instance.clone()
         }

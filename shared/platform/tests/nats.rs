@@ -1,5 +1,15 @@
 //! The platform's NATS pieces against a real, private nats-server.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects
+)]
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};

@@ -10,6 +10,10 @@
 //! - [`Player`]: a WebSocket client of the edge protocol.
 //! - [`OtlpReceiver`]: an in-process OTLP/HTTP trace receiver collecting spans.
 
+// A test harness: a failure here (a binary that does not build, a node that does not start) is a
+// failed test, so panicking with a clear message is the intended way to report it.
+#![allow(clippy::panic, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -95,7 +99,7 @@ impl NatsCluster {
             .filter(|(j, _)| *j != i)
             .map(|(_, n)| format!("nats://127.0.0.1:{}", n.cluster_port))
             .collect();
-        let node = &self.nodes[i];
+        let node = self.node(i);
         let store = self.dir.path().join(&node.name);
         let log = self.dir.path().join(format!("{}.log", node.name));
         let child = Command::new(&self.bin)
@@ -123,7 +127,19 @@ impl NatsCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawning nats-server");
-        self.nodes[i].child = Some(child);
+        self.node_mut(i).child = Some(child);
+    }
+
+    fn node(&self, i: usize) -> &Node {
+        self.nodes
+            .get(i)
+            .unwrap_or_else(|| panic!("the cluster has no node {i}"))
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut Node {
+        self.nodes
+            .get_mut(i)
+            .unwrap_or_else(|| panic!("the cluster has no node {i}"))
     }
 
     async fn wait_ready(&self, i: usize) {
@@ -159,12 +175,12 @@ impl NatsCluster {
     }
 
     pub fn node_url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+        format!("nats://127.0.0.1:{}", self.node(i).port)
     }
 
     /// Kills node `i` (SIGKILL: a crash, no lame duck).
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
+        if let Some(mut child) = self.node_mut(i).child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -296,17 +312,17 @@ pub async fn sign_in(
         "vr_session".to_owned(),
     );
     let now = voicerooms_contract::now_ms();
-    let day = 86_400_000;
+    let in_a_day = now.saturating_add(86_400_000);
     store
         .create(&edge::session::StoredSession {
             v: 1,
             user: user.clone(),
             access_token: "test-access-token".into(),
             refresh_token: "test-refresh-token".into(),
-            access_expires_at: now + day,
+            access_expires_at: in_a_day,
             scope: "identify guilds.join".into(),
             created_at: now,
-            expires_at: now + day,
+            expires_at: in_a_day,
         })
         .await
         .expect("storing a session")
@@ -334,16 +350,19 @@ impl Player {
         .await??;
         let mut player = Player { socket };
         let ack = player.next(Duration::from_secs(5)).await?;
-        anyhow::ensure!(ack["event"] == "auth.ok", "no auth.ok: {ack}");
+        anyhow::ensure!(
+            ack.get("event").and_then(Value::as_str) == Some("auth.ok"),
+            "no auth.ok: {ack}"
+        );
         Ok(player)
     }
 
     /// Subscribes to `room` (from `since`, if given); returns the `ack`/`error` frame.
     pub async fn subscribe(&mut self, room: u64, since: Option<u64>) -> anyhow::Result<Value> {
-        let mut payload = json!({"room": room.to_string()});
-        if let Some(since) = since {
-            payload["since"] = json!(since);
-        }
+        let payload = match since {
+            Some(since) => json!({"room": room.to_string(), "since": since}),
+            None => json!({"room": room.to_string()}),
+        };
         self.socket
             .send(Message::Text(
                 json!({"v":1,"type":"subscribe","payload":payload}).to_string(),
@@ -351,7 +370,7 @@ impl Player {
             .await?;
         loop {
             let frame = self.next(Duration::from_secs(10)).await?;
-            if frame["type"] != "event" {
+            if frame.get("type").and_then(Value::as_str) != Some("event") {
                 return Ok(frame);
             }
         }
@@ -359,9 +378,9 @@ impl Player {
 
     /// The next JSON frame within `timeout` (pings skipped). An error when the socket closes.
     pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = timeout.saturating_sub(started.elapsed());
             let message = tokio::time::timeout(left, self.socket.next())
                 .await
                 .map_err(|_| anyhow::anyhow!("no frame within {timeout:?}"))?

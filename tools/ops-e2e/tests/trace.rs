@@ -9,6 +9,16 @@
 //! A second test runs every service (simulator, gateway-listener, room-manager, edge) and follows
 //! a room call and a Discord voice event through all of them.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects
+)]
+
 use std::time::Duration;
 
 use async_nats::jetstream;

@@ -318,7 +318,7 @@ fn limited(options: &Options, mut emit: impl FnMut(Line) -> bool) -> impl FnMut(
     let limit = options.limit;
     let mut count = 0u64;
     move |line| {
-        count += 1;
+        count = count.saturating_add(1);
         emit(line) && limit.is_none_or(|limit| count < limit)
     }
 }
@@ -364,7 +364,7 @@ impl LiveTail {
                 _ => None,
             };
             if let Some(line) = line {
-                count += 1;
+                count = count.saturating_add(1);
                 if !take(line) {
                     break;
                 }
@@ -391,8 +391,17 @@ fn live_event(message: &async_nats::Message, options: &Options) -> Option<Line> 
         .and_then(|h| h.get("Nats-Sequence"))
         .and_then(|v| v.as_str().parse::<u64>().ok())
         .unwrap_or(0);
-    let latency = now_ms() as i64 - event.received_at as i64;
+    let latency = latency_ms(now_ms(), event.received_at);
     Some(Line::from_event(event.subject(), &event, seq, latency))
+}
+
+/// Milliseconds from `from` to `to`, negative when `to` is earlier (clocks of different hosts),
+/// saturating: the times come from NATS payloads.
+fn latency_ms(to: Millis, from: Millis) -> i64 {
+    match to.checked_sub(from) {
+        Some(ahead) => i64::try_from(ahead).unwrap_or(i64::MAX),
+        None => 0i64.saturating_sub(i64::try_from(from.abs_diff(to)).unwrap_or(i64::MAX)),
+    }
 }
 
 fn status_line(message: &async_nats::Message) -> Option<Line> {
@@ -448,10 +457,10 @@ async fn replay(
         Start::Sequence(n) => n,
         Start::Time(ms) => match sequence_at(&stream, ms).await? {
             Some(n) => n,
-            None if options.follow => stream_end(&stream).await? + 1,
+            None if options.follow => stream_end(&stream).await?.saturating_add(1),
             None => return Ok(0),
         },
-        Start::Live => stream_end(&stream).await? + 1,
+        Start::Live => stream_end(&stream).await?.saturating_add(1),
     };
     // Where the stored events matching the filter end, read before the replay starts. (The
     // consumer's `num_pending` right after creation is not reliable on nats-server 2.9: it
@@ -490,12 +499,13 @@ async fn replay(
             .info()
             .map_err(|e| anyhow::anyhow!("message info: {e}"))?;
         let seq = info.stream_sequence;
-        let stored_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+        let stored_ms =
+            u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         match RoomEvent::decode_on(&message.subject, &message.payload) {
             Ok(event) if options.wants(&event) => {
-                let latency = stored_ms - event.received_at as i64;
+                let latency = latency_ms(stored_ms, event.received_at);
                 let line = Line::from_event(event.subject(), &event, seq, latency);
-                count += 1;
+                count = count.saturating_add(1);
                 if !take(line) {
                     return Ok(count);
                 }
@@ -542,7 +552,10 @@ async fn sequence_at(
     stream: &jetstream::stream::Stream,
     ms: Millis,
 ) -> anyhow::Result<Option<u64>> {
-    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+    let nanos = i128::from(ms)
+        .checked_mul(1_000_000)
+        .context("--since is out of range")?;
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .context("--since is out of range")?;
     let last = stream_end(stream).await?;
     if last == 0 {

@@ -49,64 +49,88 @@ fn parse_age(s: &str) -> Option<Millis> {
 
 fn parse_rfc3339(s: &str) -> Option<Millis> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+    let byte = |i: usize| b.get(i).copied();
+    if b.len() < 20
+        || byte(4) != Some(b'-')
+        || byte(7) != Some(b'-')
+        || !matches!(byte(10), Some(b'T' | b't' | b' '))
+    {
         return None;
     }
-    let num = |range: std::ops::Range<usize>| -> Option<i64> {
-        let part = s.get(range)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())?
-    };
+    let num = |range| num_at(s, range);
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if b[13] != b':' || b[16] != b':' {
+    if byte(13) != Some(b':') || byte(16) != Some(b':') {
         return None;
     }
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
         return None;
     }
-    let mut rest = &s[19..];
+    let mut rest = s.get(19..)?;
     let mut frac_ms = 0i64;
     if let Some(r) = rest.strip_prefix('.') {
         let digits = r.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
             return None;
         }
-        let frac = &r[..digits];
-        let padded = format!("{:0<3}", &frac[..digits.min(3)]);
+        let padded = format!("{:0<3}", r.get(..digits.min(3))?);
         frac_ms = padded.parse().ok()?;
-        rest = &r[digits..];
+        rest = r.get(digits..)?;
     }
-    let offset_min = match rest {
+    let offset_secs: i64 = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
-            if rest.as_bytes()[3] != b':' {
+        _ if rest.len() == 6 && rest.get(3..4) == Some(":") => {
+            let sign = match rest.get(..1)? {
+                "+" => 1,
+                "-" => -1,
+                _ => return None,
+            };
+            let (oh, om) = (num_at(rest, 1..3)?, num_at(rest, 4..6)?);
+            if oh > 23 || om > 59 {
                 return None;
             }
-            sign * (oh * 60 + om)
+            oh.checked_mul(3600)?
+                .checked_add(om.checked_mul(60)?)?
+                .checked_mul(sign)?
         }
         _ => return None,
     };
-    let days = days_from_civil(y, mo as u32, d as u32);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
-    let ms = secs.checked_mul(1000)? + frac_ms;
+    let days = days_from_civil(y, mo, d);
+    let time_of_day = h
+        .checked_mul(3600)?
+        .checked_add(mi.checked_mul(60)?)?
+        .checked_add(sec)?;
+    let secs = days
+        .checked_mul(86_400)?
+        .checked_add(time_of_day)?
+        .checked_sub(offset_secs)?;
+    let ms = secs.checked_mul(1000)?.checked_add(frac_ms)?;
     u64::try_from(ms).ok()
 }
 
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+/// The digits (only ASCII digits, no sign) of `s` in `range` as a number.
+fn num_at(s: &str, range: std::ops::Range<usize>) -> Option<i64> {
+    let part = s.get(range)?;
+    part.bytes()
+        .all(|c| c.is_ascii_digit())
+        .then(|| part.parse().ok())?
+}
+
+// Howard Hinnant's algorithms. Every caller passes a 4-digit year, a month in 1-12 and a day in
+// 1-31 (`days_from_civil`), or a day count below 2^64 / 86,400,000 ms ≈ 2.1e11 (`civil_from_days`),
+// so every intermediate value stays below 1e15: no overflow, and every division is by a non-zero
+// constant.
+#[allow(clippy::arithmetic_side_effects)]
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = if y >= 0 { y } else { y - 399 } / 400;
     let yoe = y - era * 400;
-    let m = m as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
 
+#[allow(clippy::arithmetic_side_effects)] // bounded input: see days_from_civil
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
@@ -162,6 +186,11 @@ mod tests {
             "15x",
             "2025-13-01T00:00:00Z",
             "2025-11-25T20:20:00",
+            "2025-11-25T20:20:00+01:+1",
+            "2025-11-25T20:20:00+24:00",
+            "2025-11-25T20:20:00.\u{e9}Z",
+            "2025-11-25T20:20:00+\u{e9}:00",
+            "\u{1d4d0}\u{1d4d0}\u{1d4d0}\u{1d4d0}\u{1d4d0}\u{1d4d0}",
         ] {
             assert!(parse_since(bad, 0).is_err(), "{bad}");
         }

@@ -2,6 +2,16 @@
 //! scenario is shown in order, filters select exactly what they name, and a replay from the
 //! stream prints what the live tail printed.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects
+)]
+
 use std::time::Duration;
 
 use tokio::sync::mpsc;
