@@ -44,14 +44,10 @@ async fn main() -> anyhow::Result<()> {
         ..SimConfig::for_tests()
     })
     .await?;
-    let window_setting: usize = std::env::var("BENCH_WINDOW")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(256);
     let gateway = if std::env::var("BENCH_PROCESS").is_ok_and(|v| v == "1") {
-        Gateway::Process(spawn_process(&nats, &sim, window_setting).await?)
+        Gateway::Process(spawn_process(&nats, &sim).await?)
     } else {
-        Gateway::InProcess(spawn_in_process(&nats, &sim, window_setting).await?)
+        Gateway::InProcess(spawn_in_process(&nats, &sim).await?)
     };
 
     let client = nats.client().await;
@@ -196,7 +192,6 @@ async fn wait_ready(port: u16) -> anyhow::Result<()> {
 async fn spawn_in_process(
     nats: &NatsServer,
     sim: &discord_sim::SimHandle,
-    window: usize,
 ) -> anyhow::Result<(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -211,10 +206,7 @@ async fn spawn_in_process(
                 token: Some(Secret::new("sim-bot-token")),
                 api_base: sim.api_url(),
             },
-            gateway: GatewayConfig {
-                publish_window: window,
-                ..GatewayConfig::default()
-            },
+            gateway: GatewayConfig::default(),
         },
     };
     let app = Application::build(settings).await?;
@@ -230,7 +222,6 @@ async fn spawn_in_process(
 async fn spawn_process(
     nats: &NatsServer,
     sim: &discord_sim::SimHandle,
-    window: usize,
 ) -> anyhow::Result<ServiceProcess> {
     let bin = std::env::current_exe()?
         .parent()
@@ -251,7 +242,6 @@ async fn spawn_process(
             ("VOICEROOMS__LOG__LEVEL", "warn".into()),
             ("VOICEROOMS__DISCORD__TOKEN", "sim-bot-token".into()),
             ("VOICEROOMS__DISCORD__API_BASE", sim.api_url()),
-            ("VOICEROOMS__GATEWAY__PUBLISH_WINDOW", window.to_string()),
         ],
     );
     wait_ready(port)

@@ -27,8 +27,8 @@ pub struct GatewayConfig {
     /// Normalized events buffered between the gateway and JetStream. When full, the listener
     /// stops reading the gateway (Discord buffers and replays on resume).
     pub publish_buffer: usize,
-    /// Publishes in flight at once (pipelined JetStream acks).
-    pub publish_window: usize,
+    /// How long one JetStream publish waits for its acknowledgement before it is retried (ms).
+    pub publish_timeout_ms: u64,
     /// Largest gateway payload accepted (bytes); larger frames are rejected and logged.
     pub max_frame_bytes: usize,
     /// JetStream KV bucket holding the shard leases and session checkpoints.
@@ -50,7 +50,7 @@ impl Default for GatewayConfig {
             alert_after_failures: 5,
             connect_timeout_ms: 10_000,
             publish_buffer: 10_000,
-            publish_window: 256,
+            publish_timeout_ms: 2_000,
             max_frame_bytes: 16 << 20,
             lease_bucket: "gateway_leases".into(),
             lease_ttl_ms: 6_000,
@@ -92,10 +92,16 @@ impl GatewayConfig {
                 "must be > 0",
             ));
         }
-        if self.publish_buffer == 0 || self.publish_window == 0 || self.publish_window > 4096 {
+        if self.publish_buffer == 0 {
             return Err(SettingsError::invalid(
-                "gateway.publish_window",
-                "publish_buffer must be > 0 and publish_window 1-4096",
+                "gateway.publish_buffer",
+                "must be > 0",
+            ));
+        }
+        if self.publish_timeout_ms == 0 {
+            return Err(SettingsError::invalid(
+                "gateway.publish_timeout_ms",
+                "must be > 0",
             ));
         }
         if self.max_frame_bytes < 4096 {

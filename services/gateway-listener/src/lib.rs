@@ -223,10 +223,11 @@ impl Supervisor {
                 gateway.restore(c);
             }
             let publisher_stop = CancellationToken::new();
+            let mut publish_js = async_nats::jetstream::new(self.report.nats.clone());
+            publish_js.set_timeout(Duration::from_millis(self.config.publish_timeout_ms));
             let publisher = self.tasks.spawn(publisher::run(
-                async_nats::jetstream::new(self.report.nats.clone()),
+                publish_js,
                 rx,
-                self.config.publish_window,
                 shadow.clone(),
                 self.report.metrics.clone(),
                 publisher_stop.clone(),

@@ -1,10 +1,21 @@
 //! Publishing normalized events to the `ROOMS` stream.
 //!
 //! The connection loop hands one [`Batch`] per gateway dispatch to a bounded queue; one task
-//! publishes them in order through JetStream, keeping up to `publish_window` publishes in flight
-//! continuously and consuming their acks in order. A failed publish (NATS down, ack timeout) is
-//! retried with backoff from the first unacknowledged event, with the same `Nats-Msg-Id`, so what
-//! was already stored is stored once. Nothing is dropped: when the queue is full the connection loop stops reading Discord.
+//! publishes them through JetStream **one event at a time**: an event is sent only once the one
+//! before it is acknowledged. A failed publish (NATS down, ack timeout) is retried with backoff
+//! and the same `Nats-Msg-Id`, so an event that was stored after all is stored once. Nothing is
+//! dropped: when the queue is full the connection loop stops reading Discord.
+//!
+//! **Why not pipelined.** With several distinct events unacknowledged at once, a later one can be
+//! stored while an earlier one is not: when the connection to NATS breaks, what the client had
+//! already written to the dead socket is lost while what still waited in its send queue is
+//! written to the new connection after the reconnect; a stream leader change or a momentary
+//! "no responders" can likewise drop one publish and store the next. Re-sending the lost one then
+//! stores it *behind* the later one, and consumers applying the stream in order show a user in a
+//! room they have left (issue 15, defect 7: dispatch 1310 stored after dispatch 1402). Neither
+//! nats-server 2.9 nor 2.10 can make a publish conditional on another subject's progress, so the
+//! only order-safe protocol is one unacknowledged event at a time. Its cost is one JetStream round
+//! trip per event per shard (docs/BENCHMARKS.md); shards publish independently.
 //!
 //! After each acknowledged dispatch the task applies its events to a *shadow* voice cache and
 //! records the dispatch's sequence: that pair is the session checkpoint a standby resumes from
@@ -13,12 +24,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::collections::VecDeque;
-
-use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use bytes::Bytes;
-use futures::stream::{FuturesOrdered, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -83,156 +90,102 @@ pub type Sender = mpsc::Sender<Batch>;
 
 /// Runs until the queue closes (all senders dropped) or `shutdown` fires with the queue empty.
 ///
-/// A continuous pipeline: up to `window` publishes are in flight at any time; new dispatches
-/// are taken from the queue while earlier acks are awaited, and acks are consumed in order, so
-/// a dispatch counts as stored (shadow cache and checkpoint advance) only once it and every
-/// dispatch before it are acknowledged. A failed publish or ack drops everything in flight and
-/// re-sends from the first unacknowledged event with the same message ids, after a backoff
-/// (50 ms doubling to 2 s, no limit): what was stored meanwhile is recognised as a duplicate.
+/// Each event is published and its acknowledgement awaited before the next is sent; a dispatch
+/// counts as stored (shadow cache and checkpoint advance) once all its events are acknowledged.
+/// A failed publish or ack is retried with the same message id after a backoff (50 ms doubling
+/// to 2 s, no limit): if it was stored after all, the stream recognises the duplicate.
 pub async fn run(
     js: jetstream::Context,
     mut rx: mpsc::Receiver<Batch>,
-    window: usize,
     shadow: SharedShadow,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let window = window.max(1);
-    // Dispatches not yet fully acknowledged, oldest first.
-    let mut queue: VecDeque<Batch> = VecDeque::with_capacity(window);
-    // Events of `queue[0]` acknowledged so far.
-    let mut acked = 0usize;
-    // (index in `queue`, event) of the next event to send.
-    let mut next = (0usize, 0usize);
-    let mut inflight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
     let mut closing = false;
-    let mut closed = false;
-    let mut delay = RETRY_MIN;
-    let mut attempt = 0u32;
     loop {
-        // Fill the window.
-        while inflight.len() < window {
-            normalize(&queue, &mut next);
-            let Some(batch) = queue.get_mut(next.0) else {
-                break;
-            };
-            let event = &mut batch.events[next.1];
-            event.published_at = now_ms();
-            let sent = Instant::now();
-            let ack: AckFuture = match send(&js, event).await {
-                Ok(fut) => Box::pin(async move { (fut.await.map_err(|e| e.to_string()), sent) }),
-                Err(e) => Box::pin(std::future::ready((Err(e), sent))),
-            };
-            inflight.push_back(ack);
-            next.1 += 1;
-        }
-        complete_front(&mut queue, &mut acked, &mut next, &shadow);
-        if closed && queue.is_empty() {
-            return;
-        }
         metrics.queue_depth.set(rx.len() as i64);
-        tokio::select! {
+        let batch = tokio::select! {
             biased;
-            Some((result, sent)) = inflight.next(), if !inflight.is_empty() => match result {
-                Ok(ack) => {
-                    metrics.publish_latency.observe(sent.elapsed().as_secs_f64());
-                    if ack.duplicate {
-                        metrics.events_duplicate.inc();
-                    } else {
-                        metrics.events_out.inc();
-                    }
-                    if let Some(event) = queue.front().and_then(|b| b.events.get(acked)) {
-                        tracing::debug!(
-                            event_id = event.id.as_deref().unwrap_or(""),
-                            kind = event.kind().as_str(),
-                            guild = %event.guild,
-                            room = %event.room,
-                            stream_seq = ack.sequence,
-                            duplicate = ack.duplicate,
-                            "published"
-                        );
-                    }
-                    acked += 1;
-                    if attempt > 0 {
-                        tracing::info!(attempts = attempt + 1, "publishing to JetStream recovered");
-                        attempt = 0;
-                        delay = RETRY_MIN;
-                    }
-                }
-                Err(error) => {
-                    // Later publishes may or may not be stored: re-send them all (same ids).
-                    inflight = FuturesOrdered::new();
-                    next = (0, acked);
-                    attempt += 1;
-                    metrics.publish_retries.inc();
-                    tracing::warn!(
-                        error = %error,
-                        attempt,
-                        retry_ms = delay.as_millis() as u64,
-                        "publish to JetStream failed; retrying with the same message ids"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // During shutdown keep retrying (the grace period bounds us), briefly.
-                        _ = shutdown.cancelled() => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                    delay = (delay * 2).min(RETRY_MAX);
-                }
-            },
-            b = rx.recv(), if !closed && queue.len() < window => match b {
-                Some(b) => queue.push_back(b),
-                None => closed = true,
+            b = rx.recv() => match b {
+                Some(b) => b,
+                None => return,
             },
             _ = shutdown.cancelled(), if !closing => {
                 // Publish what is already queued, then stop.
                 closing = true;
                 rx.close();
+                continue;
             }
-            // Nothing in flight, nothing more to receive, shutdown handled: all done.
-            else => return,
+        };
+        let mut batch = batch;
+        for event in &mut batch.events {
+            publish(&js, event, &metrics, &shutdown).await;
+        }
+        advance_shadow(&shadow, &batch);
+    }
+}
+
+/// Publishes one event and waits for its acknowledgement, retrying until it is stored.
+async fn publish(
+    js: &jetstream::Context,
+    event: &mut RoomEvent,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) {
+    let mut delay = RETRY_MIN;
+    let mut attempt = 0u32;
+    loop {
+        event.published_at = now_ms();
+        let sent = Instant::now();
+        let result = match send(js, event).await {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(ack) => {
+                metrics.publish_latency.observe(sent.elapsed().as_secs_f64());
+                if ack.duplicate {
+                    metrics.events_duplicate.inc();
+                } else {
+                    metrics.events_out.inc();
+                }
+                tracing::debug!(
+                    event_id = event.id.as_deref().unwrap_or(""),
+                    kind = event.kind().as_str(),
+                    guild = %event.guild,
+                    room = %event.room,
+                    stream_seq = ack.sequence,
+                    duplicate = ack.duplicate,
+                    "published"
+                );
+                if attempt > 0 {
+                    tracing::info!(attempts = attempt + 1, "publishing to JetStream recovered");
+                }
+                return;
+            }
+            Err(error) => {
+                attempt = attempt.saturating_add(1);
+                metrics.publish_retries.inc();
+                tracing::warn!(
+                    error = %error,
+                    attempt,
+                    event_id = event.id.as_deref().unwrap_or(""),
+                    retry_ms = delay.as_millis() as u64,
+                    "publish to JetStream failed; retrying with the same message id"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    // During shutdown keep retrying (the grace period bounds us), briefly.
+                    _ = shutdown.cancelled() => tokio::time::sleep(RETRY_MIN).await,
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
         }
     }
 }
 
-type AckFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (Result<PublishAck, String>, Instant)> + Send>,
->;
-
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// Moves `next` past finished batches (and batches without events).
-fn normalize(queue: &VecDeque<Batch>, next: &mut (usize, usize)) {
-    while next.0 < queue.len() && next.1 >= queue[next.0].events.len() {
-        *next = (next.0 + 1, 0);
-    }
-}
-
-/// Retires the dispatches at the front whose events are all acknowledged (in order, so every
-/// earlier one is too) into the shadow cache and checkpoint.
-fn complete_front(
-    queue: &mut VecDeque<Batch>,
-    acked: &mut usize,
-    next: &mut (usize, usize),
-    shadow: &SharedShadow,
-) {
-    let mut done = Vec::new();
-    while queue.front().is_some_and(|b| *acked >= b.events.len()) {
-        let Some(batch) = queue.pop_front() else {
-            break;
-        };
-        *acked = 0;
-        *next = if next.0 > 0 {
-            (next.0 - 1, next.1)
-        } else {
-            (0, 0)
-        };
-        done.push(batch);
-    }
-    if !done.is_empty() {
-        advance_shadow(shadow, &done);
-    }
-}
 
 async fn send(js: &jetstream::Context, event: &RoomEvent) -> Result<PublishAckFuture, String> {
     let id = event.id.clone().unwrap_or_default();
@@ -252,17 +205,15 @@ async fn send(js: &jetstream::Context, event: &RoomEvent) -> Result<PublishAckFu
         .map_err(|e| e.to_string())
 }
 
-fn advance_shadow(shadow: &SharedShadow, batches: &[Batch]) {
+fn advance_shadow(shadow: &SharedShadow, b: &Batch) {
     let Ok(mut s) = shadow.lock() else { return };
-    for b in batches {
-        for e in &b.events {
-            s.cache.apply_published(e.guild, e.room, &e.event);
-        }
-        if s.session.as_ref() != Some(&*b.session) {
-            s.session = Some((*b.session).clone());
-        }
-        s.seq = b.seq;
-        s.dirty = true;
+    for e in &b.events {
+        s.cache.apply_published(e.guild, e.room, &e.event);
     }
+    if s.session.as_ref() != Some(&*b.session) {
+        s.session = Some((*b.session).clone());
+    }
+    s.seq = b.seq;
+    s.dirty = true;
     s.changed.notify_one();
 }

@@ -206,12 +206,10 @@ fn metric_value(metrics: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn a_full_publish_queue_during_a_nats_outage_holds_discord_back_and_loses_nothing() {
-    // Arrange: the smallest queue (1 dispatch) and window (1 publish in flight), so a short
-    // outage fills them.
+    // Arrange: the smallest queue (1 dispatch), so a short outage fills it.
     let mut gw = prepare(SimConfig::for_tests()).await;
     let config = gateway_listener::GatewayConfig {
         publish_buffer: 1,
-        publish_window: 1,
         ..fast_gateway()
     };
     gw.start_app(config, TOKEN).await;
@@ -443,4 +441,62 @@ async fn the_standby_takes_over_within_10_seconds_and_resumes_the_session() {
         "resumed, not identified"
     );
     assert!(gw.count(|k| matches!(k, SimEventKind::Resume { .. })) >= 1);
+}
+
+/// Defect 7 of issue 15: after a NATS outage a retried publish could be stored behind a later
+/// one. NATS is killed mid-pipeline ten times while 200 voice changes per second flow in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_ten_times_under_200_changes_per_second_keeps_dispatch_order() {
+    // Arrange: Discord keeps enough dispatches for every resume across the outages.
+    let sim = SimConfig {
+        replay_buffer: 100_000,
+        connection_queue: 100_000,
+        ..SimConfig::for_tests()
+    };
+    let mut gw = spawn_with(fast_gateway(), sim, TOKEN).await;
+    gw.wait_connected().await;
+    let load = Load::start(&gw.sim, discord_sim::seed::GUILD_ID, &[LOBBY, GAMING], 40, 200).await;
+
+    // Act: ten times: let events flow into the pipeline, kill NATS, wait until publishes are
+    // being retried, start it again.
+    let mut outages = Vec::new();
+    for round in 0..10 {
+        let before = stored_all(&gw.client).await.len();
+        wait_until(Duration::from_secs(30), "events stored before the kill", || async {
+            stored_all(&gw.client).await.len() >= before + 100
+        })
+        .await;
+        let retries = metric_value(&gw.metrics().await, "voicerooms_gateway_publish_retries_total");
+        let killed = Instant::now();
+        gw.nats.stop();
+        wait_until(Duration::from_secs(15), "publishes failing", || async {
+            metric_value(&gw.metrics().await, "voicerooms_gateway_publish_retries_total") > retries
+        })
+        .await;
+        gw.nats.restart().await;
+        gw.client = gw.nats.client().await;
+        outages.push((round, killed.elapsed()));
+    }
+    let made = load.stop().await;
+
+    // Assert: every change stored once, in dispatch order.
+    let want: usize = made.values().map(Vec::len).sum();
+    let complete = wait_for(Duration::from_secs(60), || async {
+        stored_all(&gw.client).await.iter().filter(|e| is_voice(e)).count() >= want
+    })
+    .await;
+    let events = stored_all(&gw.client).await;
+    if !complete {
+        let got = per_user(&events);
+        for (user, kinds) in &made {
+            let stored = got.get(user).cloned().unwrap_or_default();
+            if &stored != kinds {
+                eprintln!("user {user}: made {} stored {}: made {kinds:?}\nstored {stored:?}", kinds.len(), stored.len());
+            }
+        }
+    }
+    eprintln!("outages {outages:?}; {want} changes, {} events stored", events.len());
+    assert_eq!(dispatch_order_violation(&events), None);
+    assert_eq!(per_user(&events), made, "per user: every change once, in order");
+    gw.stop_app().await;
 }

@@ -23,9 +23,10 @@ pub const BOB: u64 = seed::USERS[1].0;
 pub const CAROL: u64 = seed::USERS[2].0;
 pub const DAVE: u64 = seed::USERS[3].0;
 
-/// Fast timings for tests: 20 ms backoff base, short lease.
+/// Fast timings for tests: 20 ms backoff base, short lease, publishes retried after 1 s.
 pub fn fast_gateway() -> GatewayConfig {
     GatewayConfig {
+        publish_timeout_ms: 1_000,
         backoff_base_ms: 20,
         backoff_max_ms: 320,
         connect_timeout_ms: 2_000,
@@ -243,4 +244,187 @@ pub fn is_voice(e: &RoomEvent) -> bool {
         e.event,
         Event::VoiceJoined(_) | Event::VoiceLeft(_) | Event::VoiceUpdated(_)
     )
+}
+
+/// Every event stored in ROOMS, in stream order, read through one ordered consumer (fast for
+/// thousands of events). Retries while the stream is unavailable (NATS restarting).
+pub async fn stored_all(client: &async_nats::Client) -> Vec<RoomEvent> {
+    use async_nats::jetstream::consumer;
+    let js = async_nats::jetstream::new(client.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let mut stream = js.get_stream("ROOMS").await?;
+            let last = stream.info().await?.state.last_sequence;
+            let mut out = Vec::new();
+            if last == 0 {
+                return Ok::<_, anyhow::Error>(out);
+            }
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await?;
+            let mut messages = consumer.messages().await?;
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("replay ended"))?
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let seq = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+                let mut e = RoomEvent::decode_on(m.subject.as_str(), &m.payload)?;
+                e.seq = Some(seq);
+                out.push(e);
+                if seq >= last {
+                    return Ok(out);
+                }
+            }
+        };
+        match attempt.await {
+            Ok(events) => return events,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("reading ROOMS: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("reading ROOMS: {e:#}"),
+        }
+    }
+}
+
+/// `(session, gateway seq, part)` from an event id `<session>:<seq>:<part>`.
+pub fn id_parts(e: &RoomEvent) -> (String, u64, u32) {
+    let id = e.id.as_deref().expect("gateway events carry an id");
+    let mut it = id.rsplitn(3, ':');
+    let part = it.next().and_then(|p| p.parse().ok()).expect("part");
+    let seq = it.next().and_then(|s| s.parse().ok()).expect("seq");
+    let session = it.next().expect("session").to_owned();
+    (session, seq, part)
+}
+
+/// Stored order = dispatch order: within a session, (seq, part) strictly increases along the
+/// stream; once a later session has started, an earlier one never reappears; no id twice.
+/// Returns a description of the first violation.
+pub fn dispatch_order_violation(events: &[RoomEvent]) -> Option<String> {
+    let mut seen_ids = std::collections::HashSet::new();
+    let mut finished: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut current: Option<(String, u64, u32, u64)> = None;
+    for e in events.iter().filter(|e| e.id.is_some()) {
+        let id = e.id.clone().unwrap_or_default();
+        if !seen_ids.insert(id.clone()) {
+            return Some(format!("id {id} stored twice (stream seq {:?})", e.seq));
+        }
+        let (session, seq, part) = id_parts(e);
+        let stream_seq = e.seq.unwrap_or(0);
+        match &current {
+            Some((s, prev_seq, prev_part, prev_stream)) if *s == session => {
+                if (seq, part) <= (*prev_seq, *prev_part) {
+                    return Some(format!(
+                        "dispatch {seq}:{part} (stream seq {stream_seq}) stored after {prev_seq}:{prev_part} (stream seq {prev_stream}) of session {session}"
+                    ));
+                }
+            }
+            Some((s, ..)) => {
+                if finished.contains(&session) {
+                    return Some(format!(
+                        "session {session} reappears at stream seq {stream_seq} after session {s}"
+                    ));
+                }
+                finished.insert(s.clone());
+            }
+            None => {}
+        }
+        current = Some((session, seq, part, stream_seq));
+    }
+    None
+}
+
+/// Players toggling voice (join their channel / leave) at a fixed overall rate: every toggle is
+/// exactly one expected event for that user.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<std::collections::BTreeMap<u64, Vec<&'static str>>>,
+}
+
+impl Load {
+    /// `users` new members of `guild`, each with a voice channel of `channels` (round robin),
+    /// toggling in turn so that `per_sec` changes happen per second overall.
+    pub async fn start(sim: &SimHandle, guild: u64, channels: &[u64], users: usize, per_sec: u32) -> Load {
+        let mut players = Vec::new();
+        for i in 0..users {
+            let id = sim.create_user(&format!("player{guild}x{i}")).expect("user");
+            sim.add_member(guild, id, &[]).expect("member");
+            players.push((id, channels[i % channels.len()]));
+        }
+        Self::start_with(sim, players, per_sec)
+    }
+
+    /// Toggles the given `(user, channel)` players.
+    pub fn start_with(sim: &SimHandle, players: Vec<(u64, u64)>, per_sec: u32) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sim = sim.clone();
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut made: std::collections::BTreeMap<u64, Vec<&'static str>> = Default::default();
+            let mut in_voice = std::collections::BTreeSet::new();
+            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / u64::from(per_sec.max(1))));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut i = 0usize;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                tick.tick().await;
+                let (user, channel) = players[i % players.len()];
+                i += 1;
+                if in_voice.remove(&user) {
+                    sim.disconnect_voice(user).expect("disconnect");
+                    made.entry(user).or_default().push("voice.left");
+                } else {
+                    sim.connect_voice(user, channel).expect("connect");
+                    in_voice.insert(user);
+                    made.entry(user).or_default().push("voice.joined");
+                }
+            }
+            for user in in_voice {
+                sim.disconnect_voice(user).expect("disconnect");
+                made.entry(user).or_default().push("voice.left");
+            }
+            made
+        });
+        Load { stop, task }
+    }
+
+    /// Stops (everyone leaves voice) and gives each user's expected events, in order.
+    pub async fn stop(self) -> std::collections::BTreeMap<u64, Vec<&'static str>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("load task")
+    }
+}
+
+/// Each user's stored voice events, in stream order.
+pub fn per_user(events: &[RoomEvent]) -> std::collections::BTreeMap<u64, Vec<&'static str>> {
+    let mut out: std::collections::BTreeMap<u64, Vec<&'static str>> = Default::default();
+    for e in events.iter().filter(|e| is_voice(e)) {
+        if let Some(u) = e.event.user() {
+            out.entry(u.id.get()).or_default().push(e.kind().as_str());
+        }
+    }
+    out
+}
+
+/// Polls `condition` every 10 ms until it holds (`true`) or `timeout` passes (`false`), for
+/// assertions that want to report what they found rather than only time out.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
