@@ -143,7 +143,9 @@ async fn publish(
         };
         match result {
             Ok(ack) => {
-                metrics.publish_latency.observe(sent.elapsed().as_secs_f64());
+                metrics
+                    .publish_latency
+                    .observe(sent.elapsed().as_secs_f64());
                 if ack.duplicate {
                     metrics.events_duplicate.inc();
                 } else {

@@ -455,22 +455,37 @@ async fn nats_killed_ten_times_under_200_changes_per_second_keeps_dispatch_order
     };
     let mut gw = spawn_with(fast_gateway(), sim, TOKEN).await;
     gw.wait_connected().await;
-    let load = Load::start(&gw.sim, discord_sim::seed::GUILD_ID, &[LOBBY, GAMING], 40, 200).await;
+    let load = Load::start(
+        &gw.sim,
+        discord_sim::seed::GUILD_ID,
+        &[LOBBY, GAMING],
+        40,
+        200,
+    )
+    .await;
 
     // Act: ten times: let events flow into the pipeline, kill NATS, wait until publishes are
     // being retried, start it again.
     let mut outages = Vec::new();
     for round in 0..10 {
         let before = stored_all(&gw.client).await.len();
-        wait_until(Duration::from_secs(30), "events stored before the kill", || async {
-            stored_all(&gw.client).await.len() >= before + 100
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "events stored before the kill",
+            || async { stored_all(&gw.client).await.len() >= before + 100 },
+        )
         .await;
-        let retries = metric_value(&gw.metrics().await, "voicerooms_gateway_publish_retries_total");
+        let retries = metric_value(
+            &gw.metrics().await,
+            "voicerooms_gateway_publish_retries_total",
+        );
         let killed = Instant::now();
         gw.nats.stop();
         wait_until(Duration::from_secs(15), "publishes failing", || async {
-            metric_value(&gw.metrics().await, "voicerooms_gateway_publish_retries_total") > retries
+            metric_value(
+                &gw.metrics().await,
+                "voicerooms_gateway_publish_retries_total",
+            ) > retries
         })
         .await;
         gw.nats.restart().await;
@@ -482,7 +497,12 @@ async fn nats_killed_ten_times_under_200_changes_per_second_keeps_dispatch_order
     // Assert: every change stored once, in dispatch order.
     let want: usize = made.values().map(Vec::len).sum();
     let complete = wait_for(Duration::from_secs(60), || async {
-        stored_all(&gw.client).await.iter().filter(|e| is_voice(e)).count() >= want
+        stored_all(&gw.client)
+            .await
+            .iter()
+            .filter(|e| is_voice(e))
+            .count()
+            >= want
     })
     .await;
     let events = stored_all(&gw.client).await;
@@ -491,12 +511,23 @@ async fn nats_killed_ten_times_under_200_changes_per_second_keeps_dispatch_order
         for (user, kinds) in &made {
             let stored = got.get(user).cloned().unwrap_or_default();
             if &stored != kinds {
-                eprintln!("user {user}: made {} stored {}: made {kinds:?}\nstored {stored:?}", kinds.len(), stored.len());
+                eprintln!(
+                    "user {user}: made {} stored {}: made {kinds:?}\nstored {stored:?}",
+                    kinds.len(),
+                    stored.len()
+                );
             }
         }
     }
-    eprintln!("outages {outages:?}; {want} changes, {} events stored", events.len());
+    eprintln!(
+        "outages {outages:?}; {want} changes, {} events stored",
+        events.len()
+    );
     assert_eq!(dispatch_order_violation(&events), None);
-    assert_eq!(per_user(&events), made, "per user: every change once, in order");
+    assert_eq!(
+        per_user(&events),
+        made,
+        "per user: every change once, in order"
+    );
     gw.stop_app().await;
 }

@@ -272,7 +272,10 @@ pub async fn stored_all(client: &async_nats::Client) -> Vec<RoomEvent> {
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("replay ended"))?
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let seq = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+                let seq = m
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .stream_sequence;
                 let mut e = RoomEvent::decode_on(m.subject.as_str(), &m.payload)?;
                 e.seq = Some(seq);
                 out.push(e);
@@ -317,13 +320,14 @@ pub fn dispatch_order_violation(events: &[RoomEvent]) -> Option<String> {
         let (session, seq, part) = id_parts(e);
         let stream_seq = e.seq.unwrap_or(0);
         match &current {
-            Some((s, prev_seq, prev_part, prev_stream)) if *s == session => {
-                if (seq, part) <= (*prev_seq, *prev_part) {
-                    return Some(format!(
-                        "dispatch {seq}:{part} (stream seq {stream_seq}) stored after {prev_seq}:{prev_part} (stream seq {prev_stream}) of session {session}"
-                    ));
-                }
+            Some((s, prev_seq, prev_part, prev_stream))
+                if *s == session && (seq, part) <= (*prev_seq, *prev_part) =>
+            {
+                return Some(format!(
+                    "dispatch {seq}:{part} (stream seq {stream_seq}) stored after {prev_seq}:{prev_part} (stream seq {prev_stream}) of session {session}"
+                ));
             }
+            Some((s, ..)) if *s == session => {}
             Some((s, ..)) => {
                 if finished.contains(&session) {
                     return Some(format!(
@@ -349,10 +353,18 @@ pub struct Load {
 impl Load {
     /// `users` new members of `guild`, each with a voice channel of `channels` (round robin),
     /// toggling in turn so that `per_sec` changes happen per second overall.
-    pub async fn start(sim: &SimHandle, guild: u64, channels: &[u64], users: usize, per_sec: u32) -> Load {
+    pub async fn start(
+        sim: &SimHandle,
+        guild: u64,
+        channels: &[u64],
+        users: usize,
+        per_sec: u32,
+    ) -> Load {
         let mut players = Vec::new();
         for i in 0..users {
-            let id = sim.create_user(&format!("player{guild}x{i}")).expect("user");
+            let id = sim
+                .create_user(&format!("player{guild}x{i}"))
+                .expect("user");
             sim.add_member(guild, id, &[]).expect("member");
             players.push((id, channels[i % channels.len()]));
         }
@@ -367,7 +379,9 @@ impl Load {
         let task = tokio::spawn(async move {
             let mut made: std::collections::BTreeMap<u64, Vec<&'static str>> = Default::default();
             let mut in_voice = std::collections::BTreeSet::new();
-            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / u64::from(per_sec.max(1))));
+            let mut tick = tokio::time::interval(Duration::from_nanos(
+                1_000_000_000 / u64::from(per_sec.max(1)),
+            ));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut i = 0usize;
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
