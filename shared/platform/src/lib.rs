@@ -12,11 +12,14 @@
 //! - [`nats`]: connection with background retries and logged events; the `ROOMS` stream and KV
 //!   buckets.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`retry`]: the one backoff policy ([`retry::Backoff`]: exponential, capped, jitter, attempt
+//!   limit) and the [`retry::retry`] loop (classifier, cancellation token) every retry uses.
 //! - [`runtime`]: [`runtime::ServiceBuilder`] / [`runtime::Service`]: bind (port 0 allowed), serve,
 //!   and shut down gracefully (readiness off, cancel, wait tasks, drain NATS, stop HTTP).
 
 pub mod nats;
 pub mod ops;
+pub mod retry;
 pub mod runtime;
 pub mod settings;
 pub mod telemetry;

@@ -24,7 +24,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::nats::{self, NatsMetrics};
 use crate::ops::{Ops, ReadinessCheck};
+use crate::retry::{self, retry, Backoff, Jitter};
 use crate::settings::CommonSettings;
+
+/// Retrying start-up work (streams, buckets) while NATS is not there yet: quick at first, then
+/// every 2.5-5 s, jittered so that replicas restarted together spread their JetStream calls.
+pub const SETUP_BACKOFF: Backoff = Backoff::from_millis(100, 5_000).with_jitter(Jitter::Equal);
 
 /// A service being assembled.
 pub struct ServiceBuilder {
@@ -110,21 +115,18 @@ impl ServiceBuilder {
         let settings = self.common.nats.clone();
         let token = self.shutdown.clone();
         self.tasks.spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match nats::ensure_rooms_stream(&js, &settings).await {
-                    Ok(_) => {
-                        flag.store(true, Ordering::SeqCst);
-                        tracing::info!("ROOMS stream ready");
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "ROOMS stream not ready"),
-                }
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = delay.saturating_mul(2).min(Duration::from_secs(5));
+            let ready = retry(
+                "creating the ROOMS stream",
+                &SETUP_BACKOFF,
+                &token,
+                retry::always,
+                || nats::ensure_rooms_stream(&js, &settings),
+            )
+            .await;
+            // Only cancellation ends an unlimited retry.
+            if ready.is_ok() {
+                flag.store(true, Ordering::SeqCst);
+                tracing::info!("ROOMS stream ready");
             }
         });
         let check: ReadinessCheck = Box::new(move || {
