@@ -10,6 +10,8 @@
 //!   `ops.alerts.<service>`, `roommgr.v1.<command>`) and the stream / bucket names.
 //! - [`event`]: the room event envelope and every event body (`voice.joined`, `voice.left`,
 //!   `voice.updated`, `channel.*`, `room.*`).
+//! - [`epoch`]: [`epoch::StreamEpoch`], the identity of the `ROOMS` stream (positions are
+//!   (epoch, sequence) pairs: a recreated stream restarts its sequences).
 //! - [`status`]: gateway status and operator alerts.
 //! - [`command`]: room-manager's requests, replies and the stable [`command::ErrorCode`]s.
 //! - [`wire`]: size limits, version check and validation shared by every decoder.
@@ -19,6 +21,7 @@
 //! Every decoder returns a typed [`wire::DecodeError`]; nothing here panics on input.
 
 pub mod command;
+pub mod epoch;
 pub mod event;
 pub mod ids;
 pub mod status;
@@ -27,6 +30,7 @@ pub mod text;
 pub mod wire;
 
 pub use command::{ApiError, ErrorCode};
+pub use epoch::StreamEpoch;
 pub use event::{Event, EventKind, Millis, RoomEvent, UserRef};
 pub use ids::{ChannelId, GuildId, RoleId, RoomId, UserId};
 pub use wire::DecodeError;

@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use voicerooms_contract::subject;
+use voicerooms_contract::{subject, StreamEpoch};
 
 use crate::settings::NatsSettings;
 
@@ -186,6 +186,43 @@ pub async fn ensure_rooms_stream(
     js.get_stream(subject::ROOMS_STREAM)
         .await
         .context("reading the ROOMS stream")
+}
+
+/// Why the `ROOMS` stream's epoch could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamEpochError {
+    #[error("the ROOMS stream does not exist")]
+    NotFound,
+    /// No answer within the request timeout, NATS disconnected, a JetStream error.
+    #[error("reading the ROOMS stream failed: {0}")]
+    Unavailable(String),
+    #[error("the ROOMS stream reports a creation time outside 1970-2554: {0}")]
+    OutOfRange(String),
+}
+
+/// The epoch ([`StreamEpoch`]) of the `ROOMS` stream as it exists now: one JetStream API request,
+/// bounded by the connection's request timeout (`nats.request_timeout_ms`).
+pub async fn rooms_stream_epoch(js: &jetstream::Context) -> Result<StreamEpoch, StreamEpochError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    match js.get_stream(subject::ROOMS_STREAM).await {
+        Ok(stream) => stream_epoch(stream.cached_info()),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(js_error)
+                if js_error.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Err(StreamEpochError::NotFound)
+            }
+            _ => Err(StreamEpochError::Unavailable(e.to_string())),
+        },
+    }
+}
+
+/// The epoch of a stream from its info (when the caller has just read it anyway).
+pub fn stream_epoch(info: &stream::Info) -> Result<StreamEpoch, StreamEpochError> {
+    u64::try_from(info.created.unix_timestamp_nanos())
+        .map(StreamEpoch::from_unix_nanos)
+        .map_err(|_| StreamEpochError::OutOfRange(info.created.to_string()))
 }
 
 /// Creates a KV bucket if it does not exist, and opens it.

@@ -16,7 +16,9 @@ use async_nats::jetstream::{self, consumer, kv};
 use futures::StreamExt;
 use voicerooms_contract::event::{CloseReason, Event, RoomDeleted};
 use voicerooms_contract::{GuildId, RoomEvent, RoomId};
-use voicerooms_platform::nats::{ensure_kv, ensure_rooms_stream, NatsMetrics};
+use voicerooms_platform::nats::{
+    ensure_kv, ensure_rooms_stream, rooms_stream_epoch, stream_epoch, NatsMetrics, StreamEpochError,
+};
 use voicerooms_platform::settings::NatsSettings;
 use voicerooms_testkit::{wait_until, NatsServer};
 
@@ -189,4 +191,83 @@ async fn the_client_reconnects_after_the_server_restarts() {
         || async { matches!(store.get("k").await, Ok(Some(v)) if &v[..] == b"v") },
     )
     .await;
+}
+
+#[tokio::test]
+async fn the_rooms_stream_epoch_survives_updates_and_restarts_and_changes_when_recreated() {
+    let mut server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    assert!(matches!(
+        rooms_stream_epoch(&js).await,
+        Err(StreamEpochError::NotFound)
+    ));
+
+    let stream = ensure_rooms_stream(&js, &settings(&server)).await.unwrap();
+    let epoch = rooms_stream_epoch(&js).await.unwrap();
+    assert_eq!(stream_epoch(stream.cached_info()).unwrap(), epoch);
+    // The creation time, in nanoseconds: within a minute of now.
+    let now_ns = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap();
+    assert!(
+        now_ns.abs_diff(epoch.unix_nanos()) < 60_000_000_000,
+        "{epoch:?}"
+    );
+
+    // Every service start updates the stream's configuration: the epoch stays.
+    ensure_rooms_stream(
+        &js,
+        &NatsSettings {
+            stream_max_age_secs: 3600,
+            ..settings(&server)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(rooms_stream_epoch(&js).await.unwrap(), epoch);
+
+    // A server restart (same store) keeps it too.
+    server.restart().await;
+    let js = jetstream::new(server.client().await);
+    assert_eq!(rooms_stream_epoch(&js).await.unwrap(), epoch);
+
+    // Deleted and created again: sequences restart, and the epoch says so.
+    js.delete_stream(voicerooms_contract::subject::ROOMS_STREAM)
+        .await
+        .unwrap();
+    ensure_rooms_stream(&js, &settings(&server)).await.unwrap();
+    let recreated = rooms_stream_epoch(&js).await.unwrap();
+    assert_ne!(recreated, epoch);
+}
+
+#[tokio::test]
+async fn the_epoch_read_is_bounded_by_the_request_timeout() {
+    let server = NatsServer::start().await;
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_millis(300)))
+        .connect(server.url())
+        .await
+        .unwrap();
+    // A JetStream domain whose API a silent subscriber holds: requests are delivered and never
+    // answered (a stalled JetStream), rather than failing fast with "no responders".
+    // (Subscribed on the requesting connection itself, so the server has the interest before
+    // the request arrives.)
+    let _held = client.subscribe("$JS.stalled.API.>").await.unwrap();
+    let js = jetstream::with_domain(client, "stalled");
+    let started = std::time::Instant::now();
+    let result = rooms_stream_epoch(&js).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(result, Err(StreamEpochError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "{elapsed:?} {result:?}"
+    );
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }
