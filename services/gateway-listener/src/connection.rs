@@ -7,12 +7,15 @@
 //!                            └─────▶ resuming ───RESUMED─┘          (fatal close → stopped)
 //! ```
 //!
-//! - HELLO: first heartbeat after `interval × random(0..1)`, then one per interval. A heartbeat
+//! - HELLO: heartbeats start at once (first after `interval × random(0..1)`, then one per
+//!   interval), before IDENTIFY or RESUME, so no wait leaves the connection silent. A heartbeat
 //!   still unacknowledged when the next is due marks the connection zombied: we close with 4000
 //!   (never 1000/1001, which would end the session) and resume.
 //! - Resume on `resume_gateway_url` after op 7, op 9 `true`, a resumable close or a drop; a new
-//!   IDENTIFY on the cached gateway URL after op 9 `false`, 4007 or 4009; identifies are spaced by
-//!   `max_concurrency` per 5 s. 4004 and 4010–4014 stop the loop with an operator alert.
+//!   IDENTIFY on the cached gateway URL after op 9 `false`, 4007 or 4009. IDENTIFY is sent when the
+//!   identify queue grants a turn, heartbeating meanwhile. After op 9 `false` the next attempt
+//!   waits a random 1–5 s (Discord's rule); a refused RESUME is not a failed attempt. 4004 and
+//!   4010–4014 stop the loop with an operator alert.
 //! - An attempt succeeds at READY or RESUMED; that resets the failure count. After
 //!   `alert_after_failures` consecutive failures: an error log, a critical alert, readiness off —
 //!   and retries continue at the cap.
@@ -36,6 +39,7 @@ use voicerooms_platform::settings::Secret;
 use crate::cache::{Change, VoiceCache};
 use crate::config::GatewayConfig;
 use crate::discord;
+use crate::identify::IdentifyQueue;
 use crate::metrics::Metrics;
 use crate::protocol::{self, op, NextStep};
 use crate::publisher::{Batch, Checkpoint, SessionInfo};
@@ -182,6 +186,29 @@ struct Ended {
     next: NextStep,
     code: Option<u16>,
     reason: String,
+    /// Discord answered op 9 `d: false`: identify again after a random 1–5 s (Discord's rule).
+    invalid_session: bool,
+    /// ...in answer to our RESUME: Discord's normal answer for a session it no longer keeps, not
+    /// a failed attempt (no backoff slot, no step towards the alert).
+    resume_refused: bool,
+}
+
+impl Ended {
+    fn new(established: bool, next: NextStep, code: Option<u16>, reason: String) -> Self {
+        Self {
+            established,
+            next,
+            code,
+            reason,
+            invalid_session: false,
+            resume_refused: false,
+        }
+    }
+}
+
+/// Discord's wait after op 9 `d: false` before a new IDENTIFY: a random 1–5 s.
+fn invalid_session_wait() -> Duration {
+    Duration::from_millis(rand::random_range(1_000..=5_000))
 }
 
 /// The gateway client for one shard.
@@ -194,11 +221,12 @@ pub struct Gateway {
     cache: VoiceCache,
     session: Option<Session>,
     gateway_url: Option<String>,
-    max_concurrency: usize,
-    identifies: VecDeque<Instant>,
+    identify: IdentifyQueue,
     http: reqwest::Client,
     /// Consecutive failed attempts.
     failures: u32,
+    /// The wait before the next attempt when it is not the backoff's (after op 9).
+    retry_after: Option<Duration>,
 }
 
 impl Gateway {
@@ -208,6 +236,7 @@ impl Gateway {
         api_base: String,
         report: Reporter,
         publisher: mpsc::Sender<Batch>,
+        identify: IdentifyQueue,
     ) -> Self {
         let gateway_url = (!config.url.is_empty()).then(|| config.url.clone());
         Self {
@@ -219,9 +248,9 @@ impl Gateway {
             cache: VoiceCache::new(),
             session: None,
             gateway_url,
-            max_concurrency: 1,
-            identifies: VecDeque::new(),
+            identify,
             failures: 0,
+            retry_after: None,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -254,7 +283,10 @@ impl Gateway {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            let delay = self.config.backoff(self.failures);
+            let delay = self
+                .retry_after
+                .take()
+                .unwrap_or_else(|| self.config.backoff(self.failures));
             if !delay.is_zero() {
                 self.report
                     .state(
@@ -273,19 +305,25 @@ impl Gateway {
                 .await;
             let ended = match self.url().await {
                 Ok(url) => self.connect_once(&url, stop).await,
-                Err((reason, fatal_code)) => Ended {
-                    established: false,
-                    next: if fatal_code.is_some() {
+                Err((reason, fatal_code)) => Ended::new(
+                    false,
+                    if fatal_code.is_some() {
                         NextStep::Stop
                     } else {
                         NextStep::Resume
                     },
-                    code: fatal_code,
+                    fatal_code,
                     reason,
-                },
+                ),
             };
-            if !ended.established {
+            if !ended.established && !ended.resume_refused {
                 self.failures = self.failures.saturating_add(1);
+            }
+            if ended.resume_refused {
+                self.retry_after = Some(invalid_session_wait());
+            } else if ended.invalid_session {
+                let wait = invalid_session_wait().max(self.config.backoff(self.failures));
+                self.retry_after = Some(wait);
             }
             let failures = self.failures;
             self.report
@@ -373,7 +411,7 @@ impl Gateway {
         if let Some(s) = &self.session {
             return Ok(protocol::connect_url(&s.info.resume_url));
         }
-        if self.gateway_url.is_none() || self.max_concurrency == 0 {
+        if self.gateway_url.is_none() {
             let url = format!("{}/gateway/bot", self.api_base.trim_end_matches('/'));
             let resp = self
                 .http
@@ -394,7 +432,8 @@ impl Gateway {
                 .await
                 .map_err(|e| (format!("GET /gateway/bot: {}", e.without_url()), None))?;
             if let Some(limit) = &bot.session_start_limit {
-                self.max_concurrency = limit.max_concurrency.clamp(1, 1024) as usize;
+                self.identify
+                    .set_max_concurrency(usize::try_from(limit.max_concurrency).unwrap_or(1));
                 tracing::info!(
                     remaining = limit.remaining,
                     reset_after_ms = limit.reset_after,
@@ -411,41 +450,8 @@ impl Gateway {
         ))
     }
 
-    /// Waits until an IDENTIFY fits in `max_concurrency` per 5 s.
-    async fn identify_slot(&mut self, stop: &CancellationToken) {
-        let window = Duration::from_secs(5);
-        loop {
-            let now = Instant::now();
-            while self
-                .identifies
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= window)
-            {
-                self.identifies.pop_front();
-            }
-            if self.identifies.len() < self.max_concurrency.max(1) {
-                self.identifies.push_back(now);
-                return;
-            }
-            let until = self.identifies.front().map(|t| *t + window).unwrap_or(now);
-            tracing::info!(
-                wait_ms = until.saturating_duration_since(now).as_millis() as u64,
-                "waiting for an identify slot"
-            );
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(until.into()) => {}
-            }
-        }
-    }
-
     async fn connect_once(&mut self, url: &str, stop: &CancellationToken) -> Ended {
-        let fail = |reason: String| Ended {
-            established: false,
-            next: NextStep::Resume,
-            code: None,
-            reason,
-        };
+        let fail = |reason: String| Ended::new(false, NextStep::Resume, None, reason);
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let ws_config = WebSocketConfig {
             max_message_size: Some(self.config.max_frame_bytes),
@@ -486,12 +492,12 @@ impl Gateway {
             }
             Ok(Some(Ok(Message::Close(frame)))) => {
                 let code = frame.map(|f| u16::from(f.code));
-                return Ended {
-                    established: false,
-                    next: protocol::after_close(code),
+                return Ended::new(
+                    false,
+                    protocol::after_close(code),
                     code,
-                    reason: "closed before HELLO".into(),
-                };
+                    "closed before HELLO".into(),
+                );
             }
             Ok(Some(Ok(other))) => {
                 return fail(
@@ -507,30 +513,37 @@ impl Gateway {
         };
         tracing::debug!(heartbeat_interval_ms = interval.as_millis() as u64, "hello");
 
-        // IDENTIFY or RESUME
-        let first = if let Some(s) = &self.session {
+        // Heartbeats start at HELLO, whatever comes next: Discord closes a silent connection.
+        let jitter: f64 = rand::random::<f64>();
+        let mut next_beat = tokio::time::Instant::now() + interval.mul_f64(jitter);
+
+        // RESUME at once; IDENTIFY once the identify queue grants a turn (heartbeating meanwhile).
+        let resuming = self.session.is_some();
+        if let Some(s) = &self.session {
             self.report
                 .state(GatewayState::Resuming, true, Some(format!("seq {}", s.seq)))
                 .await;
             tracing::info!(session = %s.info.session_id, seq = s.seq, "resuming");
-            protocol::resume(self.token.expose(), &s.info.session_id, s.seq)
+            let resume = protocol::resume(self.token.expose(), &s.info.session_id, s.seq);
+            if let Err(e) = sink.send(Message::Text(resume)).await {
+                return fail(format!("sending resume: {e}"));
+            }
         } else {
-            self.identify_slot(stop).await;
             self.report
-                .state(GatewayState::Identifying, false, None)
+                .state(
+                    GatewayState::Identifying,
+                    false,
+                    Some("waiting for an identify turn".into()),
+                )
                 .await;
-            self.report.metrics.identifies.inc();
-            protocol::identify(
-                self.token.expose(),
-                [self.config.shard_id, self.config.shard_count],
-            )
-        };
-        if let Err(e) = sink.send(Message::Text(first)).await {
-            return fail(format!("sending identify/resume: {e}"));
         }
-
-        let jitter: f64 = rand::random::<f64>();
-        let mut next_beat = tokio::time::Instant::now() + interval.mul_f64(jitter);
+        let mut identify_pending = !resuming;
+        let queue = self.identify.clone();
+        let mut identify_turn = Box::pin(async move {
+            if !resuming {
+                queue.acquire().await;
+            }
+        });
         let mut awaiting_ack = false;
         let mut beat_sent = Instant::now();
         let mut last_ack = Instant::now();
@@ -544,7 +557,19 @@ impl Gateway {
                 _ = stop.cancelled() => {
                     // 4000, not 1000: the session stays resumable for whoever takes over.
                     close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "shutting down").await;
-                    break Ended { established, next: NextStep::Resume, code: None, reason: "shutdown".into() };
+                    break Ended::new(established, NextStep::Resume, None, "shutdown".into());
+                }
+                _ = &mut identify_turn, if identify_pending => {
+                    identify_pending = false;
+                    self.report.metrics.identifies.inc();
+                    tracing::info!(shard = self.config.shard_id, "identifying");
+                    let identify = protocol::identify(
+                        self.token.expose(),
+                        [self.config.shard_id, self.config.shard_count],
+                    );
+                    if let Err(e) = sink.send(Message::Text(identify)).await {
+                        break Ended::new(established, NextStep::Resume, None, format!("sending identify: {e}"));
+                    }
                 }
                 _ = tokio::time::sleep_until(next_beat) => {
                     // While we wait on a full publish queue we do not read, so a missing ACK is
@@ -555,11 +580,11 @@ impl Gateway {
                             "no heartbeat ACK since the last heartbeat: zombied connection"
                         );
                         close(&mut sink, protocol::RESUMABLE_CLOSE, "zombied").await;
-                        break Ended { established, next: NextStep::Resume, code: None, reason: "zombied connection (no heartbeat ACK)".into() };
+                        break Ended::new(established, NextStep::Resume, None, "zombied connection (no heartbeat ACK)".into());
                     }
                     let seq = self.session.as_ref().map(|s| s.seq);
                     if let Err(e) = sink.send(Message::Text(protocol::heartbeat(seq))).await {
-                        break Ended { established, next: NextStep::Resume, code: None, reason: format!("sending heartbeat: {e}") };
+                        break Ended::new(established, NextStep::Resume, None, format!("sending heartbeat: {e}"));
                     }
                     awaiting_ack = true;
                     beat_sent = Instant::now();
@@ -569,19 +594,19 @@ impl Gateway {
                 permit = publisher.reserve(), if !outbox.is_empty() => {
                     match (permit, outbox.pop_front()) {
                         (Ok(p), Some(b)) => p.send(b),
-                        _ => break Ended { established, next: NextStep::Resume, code: None, reason: "publisher stopped".into() },
+                        _ => break Ended::new(established, NextStep::Resume, None, "publisher stopped".into()),
                     }
                     self.report.metrics.queue_depth.set((publisher.max_capacity() - publisher.capacity()) as i64);
                 }
                 msg = stream.next(), if outbox.is_empty() => {
                     let received_at = now_ms();
                     let text = match msg {
-                        None => break Ended { established, next: protocol::after_close(None), code: None, reason: "connection dropped".into() },
-                        Some(Err(e)) => break Ended { established, next: protocol::after_close(None), code: None, reason: format!("connection error: {e}") },
+                        None => break Ended::new(established, protocol::after_close(None), None, "connection dropped".into()),
+                        Some(Err(e)) => break Ended::new(established, protocol::after_close(None), None, format!("connection error: {e}")),
                         Some(Ok(Message::Close(frame))) => {
                             let code = frame.as_ref().map(|f| u16::from(f.code));
                             let reason = frame.map(|f| f.reason.chars().take(200).collect::<String>()).unwrap_or_default();
-                            break Ended { established, next: protocol::after_close(code), code, reason: format!("closed by Discord: {reason}") };
+                            break Ended::new(established, protocol::after_close(code), code, format!("closed by Discord: {reason}"));
                         }
                         Some(Ok(Message::Text(t))) => t,
                         Some(Ok(Message::Binary(_))) => {
@@ -620,7 +645,7 @@ impl Gateway {
                                         self.report.metrics.events_rejected.inc();
                                         tracing::error!(event = t, "READY without a usable session; reconnecting");
                                         close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "bad READY").await;
-                                        break Ended { established, next: NextStep::Reidentify, code: None, reason: "bad READY".into() };
+                                        break Ended::new(established, NextStep::Reidentify, None, "bad READY".into());
                                     }
                                 },
                                 "RESUMED" => {
@@ -648,7 +673,7 @@ impl Gateway {
                         op::HEARTBEAT => {
                             let seq = self.session.as_ref().map(|s| s.seq);
                             if let Err(e) = sink.send(Message::Text(protocol::heartbeat(seq))).await {
-                                break Ended { established, next: NextStep::Resume, code: None, reason: format!("sending heartbeat: {e}") };
+                                break Ended::new(established, NextStep::Resume, None, format!("sending heartbeat: {e}"));
                             }
                             awaiting_ack = true;
                             beat_sent = Instant::now();
@@ -664,14 +689,17 @@ impl Gateway {
                         op::RECONNECT => {
                             tracing::info!(op = frame.op, "Discord asked us to reconnect");
                             close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "reconnect requested").await;
-                            break Ended { established, next: NextStep::Resume, code: None, reason: "op 7 RECONNECT".into() };
+                            break Ended::new(established, NextStep::Resume, None, "op 7 RECONNECT".into());
                         }
                         op::INVALID_SESSION => {
                             let resumable = frame.d.is_some_and(|d| d.get().trim() == "true");
                             tracing::warn!(resumable, "INVALID_SESSION");
                             close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "invalid session").await;
                             let next = if resumable && self.session.is_some() { NextStep::Resume } else { NextStep::Reidentify };
-                            break Ended { established, next, code: None, reason: format!("op 9 INVALID_SESSION resumable={resumable}") };
+                            let mut ended = Ended::new(established, next, None, format!("op 9 INVALID_SESSION resumable={resumable}"));
+                            ended.invalid_session = !resumable;
+                            ended.resume_refused = !resumable && resuming && !established;
+                            break ended;
                         }
                         other => tracing::debug!(op = other, "ignored gateway opcode"),
                     }

@@ -34,6 +34,7 @@ pub mod cache;
 pub mod config;
 pub mod connection;
 pub mod discord;
+pub mod identify;
 pub mod lease;
 pub mod metrics;
 pub mod protocol;
@@ -126,6 +127,7 @@ impl Application {
                     replicas: settings.common.nats.replicas,
                     report,
                     tasks: builder.tasks().clone(),
+                    identify: identify::IdentifyQueue::default(),
                 };
                 let shutdown = builder.shutdown_token();
                 builder.tasks().spawn(sup.run(shutdown));
@@ -161,6 +163,7 @@ struct Supervisor {
     replicas: usize,
     report: Reporter,
     tasks: tokio_util::task::TaskTracker,
+    identify: identify::IdentifyQueue,
 }
 
 impl Supervisor {
@@ -213,6 +216,7 @@ impl Supervisor {
                 self.api_base.clone(),
                 self.report.clone(),
                 tx,
+                self.identify.clone(),
             );
             if let Some(c) = checkpoint {
                 if let Ok(mut s) = shadow.lock() {

@@ -531,3 +531,153 @@ async fn nats_killed_ten_times_under_200_changes_per_second_keeps_dispatch_order
     );
     gw.stop_app().await;
 }
+
+/// Defect 1 of issue 15: a resume refused after an outage longer than Discord's replay buffer
+/// cost a full backoff slot (up to 16 s) and counted as a failure. Discord says: wait 1–5 s, then
+/// identify.
+#[tokio::test]
+async fn a_resume_refused_after_an_outage_identifies_within_6_seconds_without_an_alert() {
+    // Arrange: Discord keeps 16 dispatches per session; the real backoff (1 s base, 16 s cap).
+    let mut gw = prepare(SimConfig {
+        replay_buffer: 16,
+        ..SimConfig::for_tests()
+    })
+    .await;
+    let alerts_raw = collect(&gw.client, "ops.alerts.gateway-listener").await;
+    let config = gateway_listener::GatewayConfig {
+        lease_ttl_ms: 1_000,
+        lease_renew_ms: 200,
+        ..Default::default()
+    };
+    gw.start_app(config, TOKEN).await;
+    gw.wait_connected().await;
+    gw.sim.connect_voice(ALICE, LOBBY).unwrap();
+    gw.wait_events(1).await;
+
+    // Act: a 12 s outage (attempts refused at 0, 1, 3 and 7 s; the one at 15 s gets through)
+    // while 20 changes happen, more than Discord keeps for a resume.
+    gw.sim.refuse_connections_for(Duration::from_secs(12));
+    gw.sim.drop_connections(None);
+    for _ in 0..10 {
+        gw.sim.connect_voice(BOB, GAMING).unwrap();
+        gw.sim.disconnect_voice(BOB).unwrap();
+    }
+    wait_until(Duration::from_secs(40), "a new session", || async {
+        gw.count(|k| matches!(k, SimEventKind::Identify { .. })) >= 2
+    })
+    .await;
+    gw.sim.connect_voice(CAROL, LOBBY).unwrap();
+
+    // Assert: from the first connection Discord accepted again to the IDENTIFY: at most 6 s.
+    let events = gw.wait_events(2).await;
+    let log = gw.log();
+    let last_refused = log
+        .iter()
+        .rposition(|e| matches!(e.kind, SimEventKind::Refused { .. }))
+        .expect("refused attempts");
+    let accepted = log[last_refused..]
+        .iter()
+        .find(|e| matches!(e.kind, SimEventKind::Connected { .. }))
+        .expect("an accepted connection")
+        .at_ms;
+    assert!(
+        log[last_refused..]
+            .iter()
+            .any(|e| matches!(e.kind, SimEventKind::ResumeRejected { .. })),
+        "the resume was refused"
+    );
+    let identified = log[last_refused..]
+        .iter()
+        .find(|e| matches!(e.kind, SimEventKind::Identify { .. }))
+        .expect("an identify")
+        .at_ms;
+    let took = identified - accepted;
+    eprintln!("accepted at {accepted} ms, identified at {identified} ms: {took} ms");
+    assert!(
+        took <= 6_000,
+        "identified {took} ms after Discord accepted again"
+    );
+    // A refused resume is Discord's normal answer, not a failed attempt: four refused
+    // connections do not reach the alert threshold of five.
+    let failing: Vec<_> = alerts(&alerts_raw)
+        .into_iter()
+        .filter(|a| a.code == "gateway_reconnect_failing")
+        .collect();
+    assert!(failing.is_empty(), "alerts: {failing:?}");
+    // Bob came and went while we could not see it: converged, nothing for him.
+    assert_eq!(
+        summary(&events),
+        vec![joined(LOBBY, ALICE), joined(LOBBY, CAROL)]
+    );
+    gw.stop_app().await;
+}
+
+/// Defect 2 of issue 15: the listener opened the socket, read HELLO and then waited for its
+/// identify slot without heartbeating; with a short heartbeat interval Discord closed it (4009).
+#[tokio::test]
+async fn the_listener_heartbeats_while_it_waits_for_an_identify_slot() {
+    // Arrange: one identify per 5 s; heartbeats every 300 ms (a silent connection is closed
+    // after 450 ms).
+    let mut gw = prepare(SimConfig {
+        heartbeat_interval: Duration::from_millis(300),
+        max_concurrency: 1,
+        ..SimConfig::for_tests()
+    })
+    .await;
+    gw.start_app(fast_gateway(), TOKEN).await;
+    gw.wait_connected().await;
+
+    // Act: the session ends at once (4007: identify anew, no wait of its own), so the next
+    // identify has to wait for the 5 s window.
+    gw.sim.close_connections(4007, None);
+    let identified = wait_for(Duration::from_secs(20), || async {
+        gw.count(|k| matches!(k, SimEventKind::Identify { .. })) >= 2
+    })
+    .await;
+
+    // Assert: no connection was closed for silence, and the listener heartbeated on the
+    // connection that waited before it identified.
+    let log = gw.log();
+    let timeouts = log
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                SimEventKind::Disconnected {
+                    code: Some(4009),
+                    by_server: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(timeouts, 0, "connections closed for silence (4009)");
+    assert!(identified, "a second session within 20 s");
+    let (conn, identified_at) = log
+        .iter()
+        .filter_map(|e| match e.kind {
+            SimEventKind::Identify { conn, .. } => Some((conn, e.at_ms)),
+            _ => None,
+        })
+        .nth(1)
+        .expect("the second identify");
+    let hello_at = log
+        .iter()
+        .find(|e| matches!(e.kind, SimEventKind::Hello { conn: c } if c == conn))
+        .expect("its HELLO")
+        .at_ms;
+    let beats = log
+        .iter()
+        .filter(|e| {
+            matches!(e.kind, SimEventKind::Heartbeat { conn: c, .. } if c == conn)
+                && e.at_ms < identified_at
+        })
+        .count();
+    eprintln!("HELLO at {hello_at} ms, IDENTIFY at {identified_at} ms, {beats} heartbeats between");
+    assert!(
+        identified_at - hello_at > 1_000,
+        "the identify waited for its slot"
+    );
+    assert!(beats >= 2, "heartbeats while waiting: {beats}");
+    gw.stop_app().await;
+}
