@@ -12,6 +12,8 @@
 //! - [`nats`]: connection with background retries and logged events; the `ROOMS` stream and KV
 //!   buckets.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`panics`]: the panic hook (installed by `telemetry::init` and `ServiceBuilder::new`): every
+//!   panic outside test code is logged and, under `VOICEROOMS_PANIC_LOG`, recorded for the suite.
 //! - [`retry`]: the one backoff policy ([`retry::Backoff`]: exponential, capped, jitter, attempt
 //!   limit) and the [`retry::retry`] loop (classifier, cancellation token) every retry uses.
 //! - [`runtime`]: [`runtime::ServiceBuilder`] / [`runtime::Service`]: bind (port 0 allowed), serve,
@@ -19,6 +21,7 @@
 
 pub mod nats;
 pub mod ops;
+pub mod panics;
 pub mod retry;
 pub mod runtime;
 pub mod settings;

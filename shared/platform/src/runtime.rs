@@ -46,6 +46,8 @@ pub struct ServiceBuilder {
 impl ServiceBuilder {
     /// Connects to NATS (retrying in the background) and registers the base metrics.
     pub async fn new(service: &'static str, common: &CommonSettings) -> anyhow::Result<Self> {
+        // Also here, not only in `telemetry::init`: services built in-process by tests.
+        crate::panics::install(service);
         let instance = common.instance_name(service);
         let mut registry = Registry::with_prefix("voicerooms");
         let info: Family<Vec<(String, String)>, Gauge> = Family::default();

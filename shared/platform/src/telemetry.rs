@@ -32,12 +32,13 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber. Call once, from `main`.
+/// Installs the global subscriber and the panic hook ([`crate::panics`]). Call once, from `main`.
 pub fn init(
     service: &'static str,
     log: &LogSettings,
     telemetry: &TelemetrySettings,
 ) -> anyhow::Result<TelemetryGuard> {
+    crate::panics::install(service);
     let filter = EnvFilter::try_new(&log.level)?;
     let fmt_layer = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()

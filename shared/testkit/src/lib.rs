@@ -26,6 +26,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The file service panics are recorded in (`voicerooms_platform::panics`; set by
+/// `scripts/test`). [`ServiceProcess`] passes it on to the services it starts.
+pub const PANIC_LOG_VAR: &str = "VOICEROOMS_PANIC_LOG";
+
 /// Environment variable that overrides the `nats-server` binary path.
 pub const NATS_SERVER_BIN_VAR: &str = "NATS_SERVER_BIN";
 
@@ -209,7 +213,8 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
-    /// Starts `bin` with exactly `env` (plus PATH), capturing stdout and stderr.
+    /// Starts `bin` with exactly `env` (plus PATH and the suite's [`PANIC_LOG_VAR`]), capturing
+    /// stdout and stderr.
     pub fn spawn(bin: &str, env: &[(&str, String)]) -> ServiceProcess {
         let mut command = Command::new(bin);
         command
@@ -218,6 +223,10 @@ impl ServiceProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // The suite's panic log (scripts/test): a service's panic fails the run.
+        if let Some(log) = std::env::var_os(PANIC_LOG_VAR) {
+            command.env(PANIC_LOG_VAR, log);
+        }
         for (k, v) in env {
             command.env(k, v);
         }
