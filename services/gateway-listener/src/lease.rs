@@ -6,6 +6,13 @@
 //! `lease_ttl_ms` + one poll of the holder dying. Beside it, `shard-<id>-of-<count>.checkpoint`
 //! holds the session checkpoint (session id, resume URL, acknowledged sequence, voice states),
 //! so the new holder resumes the session and classifies the replayed events correctly.
+//!
+//! **Fencing.** Checkpoint writes are compare-and-set too: a new holder first *claims* the
+//! checkpoint (rewrites it under its own name, expecting the revision it read), and from then on
+//! every write expects the revision of its own previous write. A replica that lost the lease —
+//! paused, cut off from NATS, slow — finds the revision changed and its write refused
+//! ([`LeaseError::Lost`]): it can never overwrite the new holder's checkpoint, however late it
+//! wakes up.
 
 use std::time::Duration;
 
@@ -42,6 +49,10 @@ pub struct Lease {
     ttl: Duration,
     op_timeout: Duration,
     revision: Option<u64>,
+    /// The lease revision when we took it: our fencing token, recorded in the checkpoint.
+    token: u64,
+    /// The revision of our last checkpoint write (or claim); `None` until claimed.
+    checkpoint_revision: Option<u64>,
 }
 
 impl Lease {
@@ -65,6 +76,8 @@ impl Lease {
             ttl: Duration::from_millis(config.lease_ttl_ms),
             op_timeout: Duration::from_millis(config.lease_renew_ms),
             revision: None,
+            token: 0,
+            checkpoint_revision: None,
         })
     }
 
@@ -123,6 +136,10 @@ impl Lease {
         };
         match result {
             Ok(rev) => {
+                if self.revision.is_none() {
+                    self.token = rev;
+                    self.checkpoint_revision = None;
+                }
                 self.revision = Some(rev);
                 Ok(true)
             }
@@ -167,26 +184,78 @@ impl Lease {
         }
     }
 
-    /// The previous holder's checkpoint. Not bounded by `op_timeout`: losing it means identifying
-    /// instead of resuming, so the read gets the full JetStream timeout.
+    /// Takes over the shard's checkpoint: reads it and writes it back under our name, expecting
+    /// the revision read, so that from now on only we can write it (see the module's fencing
+    /// note). Returns the previous holder's checkpoint, if any. Call after [`Lease::try_acquire`].
+    /// The read is not bounded by `op_timeout`: losing it means identifying instead of resuming.
+    pub async fn claim_checkpoint(&mut self) -> Result<Option<Checkpoint>, LeaseError> {
+        let unavailable = |e: &dyn std::fmt::Display| LeaseError::Unavailable(e.to_string());
+        for _ in 0..CLAIM_ATTEMPTS {
+            if self.revision.is_none() {
+                return Err(LeaseError::Lost);
+            }
+            let entry = self
+                .kv
+                .entry(self.checkpoint_key.clone())
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let (previous, expected) = match &entry {
+                Some(e) if !e.value.is_empty() => {
+                    match serde_json::from_slice::<Checkpoint>(&e.value) {
+                        Ok(c) => (Some(c), Some(e.revision)),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "ignoring an unreadable session checkpoint");
+                            (None, Some(e.revision))
+                        }
+                    }
+                }
+                Some(e) => (None, Some(e.revision)),
+                None => (None, None),
+            };
+            let mut claim = previous.clone().unwrap_or_else(|| Checkpoint {
+                session: None,
+                seq: 0,
+                voice: Vec::new(),
+                at: now_ms(),
+                holder: String::new(),
+                token: 0,
+            });
+            claim.holder = self.instance.clone();
+            claim.token = self.token;
+            let bytes = self.encode(&claim)?;
+            let written = match expected {
+                Some(rev) => self
+                    .bounded(self.kv.update(&self.checkpoint_key, bytes, rev))
+                    .await?
+                    .map_err(|e| e.to_string()),
+                None => self
+                    .bounded(self.kv.create(&self.checkpoint_key, bytes))
+                    .await?
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(rev) => {
+                    self.checkpoint_revision = Some(rev);
+                    return Ok(previous);
+                }
+                // Written meanwhile (the previous holder's last write): read it again.
+                Err(e) => tracing::debug!(error = %e, "checkpoint claim raced; reading again"),
+            }
+        }
+        Err(LeaseError::Unavailable(
+            "the checkpoint kept changing while we claimed it".into(),
+        ))
+    }
+
+    /// The stored checkpoint, read only (diagnostics, tests).
     pub async fn load_checkpoint(&self) -> Option<Checkpoint> {
         match self.kv.get(self.checkpoint_key.clone()).await {
-            Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring an unreadable session checkpoint");
-                    None
-                }
-            },
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the session checkpoint");
-                None
-            }
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).ok(),
+            _ => None,
         }
     }
 
-    pub async fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), LeaseError> {
+    fn encode(&self, checkpoint: &Checkpoint) -> Result<Bytes, LeaseError> {
         let bytes =
             serde_json::to_vec(checkpoint).map_err(|e| LeaseError::Unavailable(e.to_string()))?;
         if bytes.len() > MAX_CHECKPOINT_BYTES {
@@ -195,9 +264,38 @@ impl Lease {
                 bytes.len()
             )));
         }
-        self.bounded(self.kv.put(&self.checkpoint_key, Bytes::from(bytes)))
+        Ok(Bytes::from(bytes))
+    }
+
+    /// Writes our checkpoint, expecting the revision of our previous write: `Lost` when another
+    /// replica has claimed it since (we are fenced off and must stop).
+    pub async fn save_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), LeaseError> {
+        let Some(rev) = self.checkpoint_revision else {
+            return Err(LeaseError::Lost);
+        };
+        let mut checkpoint = checkpoint.clone();
+        checkpoint.holder = self.instance.clone();
+        checkpoint.token = self.token;
+        let bytes = self.encode(&checkpoint)?;
+        match self
+            .bounded(self.kv.update(&self.checkpoint_key, bytes, rev))
             .await?
-            .map(|_| ())
-            .map_err(|e| LeaseError::Unavailable(e.to_string()))
+        {
+            Ok(rev) => {
+                self.checkpoint_revision = Some(rev);
+                Ok(())
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.checkpoint_revision = None;
+                tracing::error!(
+                    "checkpoint write refused: another replica has taken the shard over (fenced)"
+                );
+                Err(LeaseError::Lost)
+            }
+            Err(e) => Err(LeaseError::Unavailable(e.to_string())),
+        }
     }
 }
+
+/// Rounds of read-and-claim before giving up (each one lost to a concurrent write).
+const CLAIM_ATTEMPTS: usize = 10;

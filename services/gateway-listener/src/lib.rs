@@ -207,7 +207,19 @@ impl Supervisor {
                 }
             }
             tracing::info!(instance = %self.report.instance, "shard lease acquired");
-            let checkpoint = lease.load_checkpoint().await;
+            let checkpoint = match lease.claim_checkpoint().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Without the claim our checkpoint writes would be refused: step back.
+                    tracing::warn!(error = %e, "could not claim the session checkpoint; releasing the lease");
+                    lease.release().await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(renew_every) => {}
+                    }
+                    continue;
+                }
+            };
             let shadow: SharedShadow = Arc::new(Mutex::new(Shadow::default()));
             let (tx, rx) = tokio::sync::mpsc::channel(self.config.publish_buffer);
             let mut gateway = Gateway::new(
@@ -253,13 +265,17 @@ impl Supervisor {
             let Ok(mut returned) = renewer.await else {
                 return;
             };
-            if shutdown.is_cancelled() {
-                let checkpoint = shadow.lock().ok().map(|s| s.checkpoint());
-                if let Some(c) = checkpoint {
-                    if let Err(e) = returned.save_checkpoint(&c).await {
-                        tracing::warn!(error = %e, "final checkpoint not saved");
-                    }
+            // Every stop, whatever its cause, ends with a final checkpoint of what the drained
+            // publisher stored: exact for whoever resumes next (possibly us). If another replica
+            // has taken the shard meanwhile, the write is refused (fencing) and nothing changes.
+            let checkpoint = shadow.lock().ok().map(|s| s.checkpoint());
+            if let Some(c) = checkpoint {
+                match returned.save_checkpoint(&c).await {
+                    Ok(()) => tracing::info!(seq = c.seq, "final checkpoint written"),
+                    Err(e) => tracing::warn!(error = %e, "final checkpoint not saved"),
                 }
+            }
+            if shutdown.is_cancelled() {
                 returned.release().await;
                 tracing::info!("shard lease released");
                 return;
@@ -331,10 +347,18 @@ async fn renew(
             _ => None,
         };
         if let Some(c) = checkpoint {
-            if let Err(e) = lease.save_checkpoint(&c).await {
-                tracing::warn!(error = %e, "session checkpoint not saved");
-                if let Ok(mut s) = shadow.lock() {
-                    s.dirty = true;
+            match lease.save_checkpoint(&c).await {
+                Ok(()) => {}
+                Err(LeaseError::Lost) => {
+                    tracing::error!("another replica took the shard over; closing our connection");
+                    term.cancel();
+                    return lease;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "session checkpoint not saved");
+                    if let Ok(mut s) = shadow.lock() {
+                        s.dirty = true;
+                    }
                 }
             }
             tokio::select! {

@@ -58,6 +58,12 @@ pub struct Checkpoint {
     pub seq: u64,
     pub voice: Vec<GuildSnapshot>,
     pub at: u64,
+    /// The replica that wrote it (set by the lease when it writes).
+    #[serde(default)]
+    pub holder: String,
+    /// The revision of the shard's lease when `holder` took it (its fencing token).
+    #[serde(default)]
+    pub token: u64,
 }
 
 /// The shadow cache and the acknowledged position, shared with the lease task.
@@ -79,6 +85,8 @@ impl Shadow {
             seq: self.seq,
             voice: self.cache.snapshot(),
             at: now_ms(),
+            holder: String::new(),
+            token: 0,
         }
     }
 }
