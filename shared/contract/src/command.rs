@@ -244,6 +244,28 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, [`ErrorCode::Unknown`] last.
+    pub const ALL: [ErrorCode; 18] = [
+        ErrorCode::Validation,
+        ErrorCode::Unauthorized,
+        ErrorCode::RoomNotFound,
+        ErrorCode::RoomFull,
+        ErrorCode::RoomClosing,
+        ErrorCode::NotOwner,
+        ErrorCode::NotMember,
+        ErrorCode::InviteInvalid,
+        ErrorCode::InviteExpired,
+        ErrorCode::InviteWrongRoom,
+        ErrorCode::RoomLimitReached,
+        ErrorCode::Conflict,
+        ErrorCode::DiscordUnavailable,
+        ErrorCode::RateLimited,
+        ErrorCode::Timeout,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+        ErrorCode::Unknown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Validation => "validation",
@@ -505,26 +527,7 @@ mod tests {
 
     #[test]
     fn errors_keep_their_stable_codes() {
-        let all = [
-            ErrorCode::Validation,
-            ErrorCode::Unauthorized,
-            ErrorCode::RoomNotFound,
-            ErrorCode::RoomFull,
-            ErrorCode::RoomClosing,
-            ErrorCode::NotOwner,
-            ErrorCode::NotMember,
-            ErrorCode::InviteInvalid,
-            ErrorCode::InviteExpired,
-            ErrorCode::InviteWrongRoom,
-            ErrorCode::RoomLimitReached,
-            ErrorCode::Conflict,
-            ErrorCode::DiscordUnavailable,
-            ErrorCode::RateLimited,
-            ErrorCode::Timeout,
-            ErrorCode::Unavailable,
-            ErrorCode::Internal,
-        ];
-        for code in all {
+        for code in ErrorCode::ALL {
             let err = ApiError::new(code, "m");
             let bytes = encode_reply::<Done>(&Err(err.clone()));
             let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

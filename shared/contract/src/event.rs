@@ -85,14 +85,14 @@ impl EventKind {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| SubjectError::UnknownKind(s.chars().take(64).collect()))
+            .ok_or_else(|| SubjectError::UnknownKind(subject::truncate(s)))
     }
 
     pub(crate) fn from_tokens(a: &str, b: &str) -> Result<Self, SubjectError> {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str().split_once('.') == Some((a, b)))
-            .ok_or_else(|| SubjectError::UnknownKind(format!("{a}.{b}").chars().take(64).collect()))
+            .ok_or_else(|| SubjectError::UnknownKind(subject::truncate(&format!("{a}.{b}"))))
     }
 }
 

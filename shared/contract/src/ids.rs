@@ -200,7 +200,11 @@ impl<'de, M> Deserialize<'de> for Id<M> {
                 f.write_str("a Discord snowflake id as a string of digits")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Id::parse(v).map_err(|e| E::custom(format_args!("invalid id {v:?}: {e}")))
+                // Quote only the start of the input: an error must not grow with it.
+                Id::parse(v).map_err(|e| {
+                    let quoted = crate::text::truncate_with_ellipsis(v, 32);
+                    E::custom(format_args!("invalid id {quoted:?}: {e}"))
+                })
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
                 Id::new(v).map_err(|e| E::custom(format_args!("invalid id {v}: {e}")))
@@ -217,6 +221,16 @@ impl<'de, M> Deserialize<'de> for Id<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_id_error_quotes_only_the_start_of_the_input() {
+        let long = format!("\"{}\"", "\u{1d4d0}".repeat(5_000));
+        let err = serde_json::from_str::<GuildId>(&long)
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 200, "{} bytes: {err}", err.len());
+        assert!(err.contains("invalid id"), "{err}");
+    }
 
     #[test]
     fn parses_discord_snowflakes() {

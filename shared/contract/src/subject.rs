@@ -50,17 +50,17 @@ pub const MAX_SERVICE_NAME: usize = 32;
 /// Why a subject could not be built or parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubjectError {
-    #[error("subject {0:?} is not one of ours")]
+    #[error("subject \"{0}\" is not one of ours")]
     Unknown(String),
     #[error("subject has a bad id: {0}")]
     BadId(#[from] IdError),
-    #[error("unknown event kind {0:?}")]
+    #[error("unknown event kind \"{0}\"")]
     UnknownKind(String),
-    #[error("unknown command {0:?}")]
+    #[error("unknown command \"{0}\"")]
     UnknownCommand(String),
-    #[error("invalid service name {0:?}: use 1-32 of [a-z0-9-]")]
+    #[error("invalid service name \"{0}\": use 1-32 of [a-z0-9-]")]
     BadServiceName(String),
-    #[error("invalid shard id {0:?}")]
+    #[error("invalid shard id \"{0}\"")]
     BadShard(String),
 }
 
@@ -132,9 +132,11 @@ fn parse_shard(s: &str) -> Result<u32, SubjectError> {
     s.parse().map_err(|_| SubjectError::BadShard(truncate(s)))
 }
 
-/// Input quoted in an error, cut to 200 bytes.
-fn truncate(s: &str) -> String {
-    crate::text::truncate_str(s, 200).to_owned()
+/// Input quoted in an error: escaped like `{:?}` (control characters visible), then cut to 200
+/// bytes, so an error never grows with its input.
+pub(crate) fn truncate(s: &str) -> String {
+    let escaped: String = s.chars().take(200).flat_map(char::escape_debug).collect();
+    crate::text::truncate_with_ellipsis(&escaped, 200).into_owned()
 }
 
 /// `rooms.<guild>.<room>.<kind>`: where one room event is published.

@@ -21,6 +21,17 @@ pub const ENV_SEPARATOR: &str = "__";
 /// Environment variable naming an optional TOML settings file.
 pub const CONFIG_FILE_VAR: &str = "VOICEROOMS_CONFIG_FILE";
 
+/// Largest NATS connect and request timeout (10 minutes).
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// Largest NATS client or subscription buffer, in messages.
+pub const MAX_BUFFERED_MESSAGES: u64 = 10_000_000;
+/// Longest the ROOMS stream may keep events (10 years).
+pub const MAX_STREAM_AGE_SECS: u64 = 10 * 365 * 86_400;
+/// Most HTTP worker threads.
+pub const MAX_HTTP_WORKERS: u64 = 1024;
+/// Longest shutdown grace period (1 hour).
+pub const MAX_GRACE_PERIOD_MS: u64 = 3_600_000;
+
 /// Every top-level section any service reads. A section not in this list is a typo.
 pub const KNOWN_SECTIONS: &[&str] = &[
     "nats",
@@ -414,28 +425,60 @@ impl CheckSettings for CommonSettings {
                 ));
             }
         }
-        positive("nats.connect_timeout_ms", self.nats.connect_timeout_ms)?;
-        positive("nats.request_timeout_ms", self.nats.request_timeout_ms)?;
-        positive("nats.client_capacity", self.nats.client_capacity as u64)?;
-        positive(
+        // Upper bounds too: nothing sane lies beyond them, and integers past i64::MAX would be
+        // read through f64 and silently rounded (the config crate's number parsing).
+        in_range(
+            "nats.connect_timeout_ms",
+            self.nats.connect_timeout_ms,
+            1,
+            MAX_TIMEOUT_MS,
+        )?;
+        in_range(
+            "nats.request_timeout_ms",
+            self.nats.request_timeout_ms,
+            1,
+            MAX_TIMEOUT_MS,
+        )?;
+        in_range(
+            "nats.client_capacity",
+            self.nats.client_capacity as u64,
+            1,
+            MAX_BUFFERED_MESSAGES,
+        )?;
+        in_range(
             "nats.subscription_capacity",
             self.nats.subscription_capacity as u64,
+            1,
+            MAX_BUFFERED_MESSAGES,
         )?;
         if !(1..=5).contains(&self.nats.replicas) {
             return Err(SettingsError::invalid("nats.replicas", "must be 1-5"));
         }
-        positive("nats.stream_max_age_secs", self.nats.stream_max_age_secs)?;
+        in_range(
+            "nats.stream_max_age_secs",
+            self.nats.stream_max_age_secs,
+            1,
+            MAX_STREAM_AGE_SECS,
+        )?;
         if self.nats.stream_max_bytes <= 0 {
             return Err(SettingsError::invalid(
                 "nats.stream_max_bytes",
                 "must be positive",
             ));
         }
-        positive(
+        // JetStream refuses a duplicate window longer than the stream's max age.
+        in_range(
             "nats.duplicate_window_secs",
             self.nats.duplicate_window_secs,
+            1,
+            self.nats.stream_max_age_secs,
         )?;
-        positive("http.workers", self.http.workers as u64)?;
+        in_range(
+            "http.workers",
+            self.http.workers as u64,
+            1,
+            MAX_HTTP_WORKERS,
+        )?;
         if self.http.host.trim().is_empty() {
             return Err(SettingsError::invalid("http.host", "must not be empty"));
         }
@@ -456,7 +499,12 @@ impl CheckSettings for CommonSettings {
                 ));
             }
         }
-        positive("shutdown.grace_period_ms", self.shutdown.grace_period_ms)?;
+        in_range(
+            "shutdown.grace_period_ms",
+            self.shutdown.grace_period_ms,
+            1,
+            MAX_GRACE_PERIOD_MS,
+        )?;
         if !self.instance.is_empty()
             && !self
                 .instance
@@ -489,6 +537,18 @@ impl CommonSettings {
         } else {
             self.instance.clone()
         }
+    }
+}
+
+/// Fails with the key's name when `value` is outside `min..=max`.
+pub fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), SettingsError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(SettingsError::invalid(
+            key,
+            format!("must be {min}-{max}, got {value}"),
+        ))
     }
 }
 
@@ -603,6 +663,41 @@ mod tests {
     }
 
     #[test]
+    fn absurd_values_are_refused_not_rounded() {
+        // Past i64::MAX the config crate reads integers through f64: 9223372036854775809 would
+        // become ...808. Bounds make such values an error naming the key.
+        for (var, value, key) in [
+            (
+                "VOICEROOMS__SHUTDOWN__GRACE_PERIOD_MS",
+                "9223372036854775809",
+                "shutdown.grace_period_ms",
+            ),
+            (
+                "VOICEROOMS__SHUTDOWN__GRACE_PERIOD_MS",
+                "3600001",
+                "shutdown.grace_period_ms",
+            ),
+            (
+                "VOICEROOMS__NATS__REQUEST_TIMEOUT_MS",
+                "18446744073709551615",
+                "nats.request_timeout_ms",
+            ),
+            (
+                "VOICEROOMS__NATS__DUPLICATE_WINDOW_SECS",
+                "86401",
+                "nats.duplicate_window_secs",
+            ),
+            ("VOICEROOMS__HTTP__WORKERS", "100000", "http.workers"),
+        ] {
+            let err =
+                load_from::<TestSettings>(CommonSettings::default(), env(&[(var, value)]), None)
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
     fn typos_in_sections_and_keys_fail_loudly() {
         let err = load_from::<TestSettings>(
             CommonSettings::default(),
@@ -655,6 +750,81 @@ mod tests {
         assert!(names.contains("VOICEROOMS__DISCORD__TOKEN"));
         assert!(names.contains("VOICEROOMS__SHUTDOWN__GRACE_PERIOD_MS"));
         assert!(names.contains("VOICEROOMS__INSTANCE"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Values an operator (or a template gone wrong) might put in a variable.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,40}",
+                "-?[0-9]{1,30}",
+                "[0-9]{1,5}\\.[0-9]{0,5}",
+                "(true|false|yes|no|on|off|TRUE|1e400|NaN|inf|-0|0x10)",
+                "(nats|tls|ws|http)://[a-z0-9.:,]{0,30}",
+                proptest::collection::vec(any::<char>(), 0..20).prop_map(String::from_iter),
+                Just(String::new()),
+                Just("\u{1d4d0}".repeat(300)),
+            ]
+        }
+
+        /// Names: every real variable, and made-up ones under the prefix (empty tokens, unknown
+        /// sections and keys, any characters).
+        fn name() -> impl Strategy<Value = String> {
+            let known: Vec<String> = env_var_names::<TestSettings>().into_iter().collect();
+            prop_oneof![
+                3 => proptest::sample::select(known),
+                1 => "VOICEROOMS(__[A-Za-z0-9_]{0,12}){0,4}",
+                1 => "VOICEROOMS__.{0,20}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 256,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn arbitrary_environments_give_settings_or_a_typed_error(
+                vars in proptest::collection::hash_map(name(), value(), 0..8),
+            ) {
+                match load_from::<TestSettings>(CommonSettings::default(), Some(vars.clone()), None) {
+                    Ok(s) => {
+                        // Whatever was accepted passed the checks.
+                        prop_assert!(s.common.check().is_ok());
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        prop_assert!(message.starts_with("configuration error"), "{message}");
+                    }
+                }
+            }
+
+            #[test]
+            fn valid_numbers_are_read_exactly(
+                port in any::<u16>(),
+                grace in 1..=MAX_GRACE_PERIOD_MS,
+                replicas in 1..=5usize,
+            ) {
+                let s = load_from::<TestSettings>(
+                    CommonSettings::default(),
+                    env(&[
+                        ("VOICEROOMS__HTTP__PORT", &port.to_string()),
+                        ("VOICEROOMS__SHUTDOWN__GRACE_PERIOD_MS", &grace.to_string()),
+                        ("VOICEROOMS__NATS__REPLICAS", &replicas.to_string()),
+                    ]),
+                    None,
+                )
+                .unwrap();
+                prop_assert_eq!(s.common.http.port, port);
+                prop_assert_eq!(s.common.shutdown.grace_period_ms, grace);
+                prop_assert_eq!(s.common.nats.replicas, replicas);
+            }
+        }
     }
 
     #[test]
