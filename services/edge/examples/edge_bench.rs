@@ -169,6 +169,7 @@ async fn setup(args: &Args, rooms: usize) -> Bench {
             scope: String::new(),
             created_at: now,
             expires_at: now + 3_600_000,
+            refreshing_until: None,
         })
         .await
         .unwrap();
@@ -235,6 +236,9 @@ async fn connect_with(
     request
         .headers_mut()
         .insert("Cookie", format!("vr_session={cookie}").parse()?);
+    request
+        .headers_mut()
+        .insert("Origin", format!("http://127.0.0.1:{port}").parse()?);
     let (mut ws, _) = tokio_tungstenite::client_async(request, stream).await?;
     // auth.ok
     match ws.next().await {

@@ -40,10 +40,10 @@ impl Api {
     async fn call<Req: Serialize + Validate, Rep: DeserializeOwned>(
         &self,
         kind: CommandKind,
-        request: &Req,
+        request: Req,
     ) -> Result<Rep, HttpError> {
         request.validate().map_err(ApiError::from)?;
-        let payload = serde_json::to_vec(request)
+        let payload = serde_json::to_vec(&request)
             .map_err(|e| HttpError::new(ErrorCode::Internal, e.to_string()))?;
         // The request's span: its context travels in the NATS headers to room-manager.
         let span = tracing::info_span!("edge.roommgr_request", command = kind.as_str());
@@ -90,6 +90,36 @@ async fn requester(auth: &Auth, req: &HttpRequest) -> Result<UserRef, HttpError>
     auth.session(req).await.map(|(_, s)| s.user)
 }
 
+/// Sends a command that room-manager carries out with the player's Discord token (adding them to
+/// the guild). Discord may refuse a token before its recorded expiry (revoked, expired early):
+/// room-manager then answers `unauthorized`, and the token is refreshed once and the command sent
+/// again. Refused again — or not refreshable — the session ends and the 401 carries the login URL.
+async fn as_player<Rep, Fut>(
+    auth: &Auth,
+    req: &HttpRequest,
+    send: impl Fn(UserRef) -> Fut,
+) -> Result<Rep, HttpError>
+where
+    Fut: std::future::Future<Output = Result<Rep, HttpError>>,
+{
+    let (id, session) = auth.session(req).await?;
+    match send(session.user.clone()).await {
+        Err(e) if e.error.code == ErrorCode::Unauthorized => {
+            tracing::info!(user = %session.user.id, "Discord refused the player's token; refreshing it");
+            let refreshed = auth.refresh_refused(req, &id, &session).await?;
+            match send(refreshed.user.clone()).await {
+                Err(e) if e.error.code == ErrorCode::Unauthorized => {
+                    auth.end_session(&id, session.user.id, "Discord refused the refreshed token")
+                        .await;
+                    Err(HttpError::unauthorized(Auth::login_url_for(req)))
+                }
+                other => other.map_err(|e| e.with_login_url(|| Auth::login_url_for(req))),
+            }
+        }
+        other => other.map_err(|e| e.with_login_url(|| Auth::login_url_for(req))),
+    }
+}
+
 fn room_id(raw: &str) -> Result<RoomId, HttpError> {
     RoomId::parse(raw).map_err(|e| HttpError::new(ErrorCode::Validation, format!("room: {e}")))
 }
@@ -102,7 +132,6 @@ pub async fn create(
     body: web::Json<CreateBody>,
 ) -> Result<HttpResponse, HttpError> {
     check_origin(&req, &api.allowed_origins)?;
-    let requester = requester(&auth, &req).await?;
     let body = body.into_inner();
     let guild = body.guild.or(api.default_guild).ok_or_else(|| {
         HttpError::new(
@@ -110,17 +139,18 @@ pub async fn create(
             "guild is required (no default guild configured)",
         )
     })?;
-    let created: Created = api
-        .call(
+    let created: Created = as_player(&auth, &req, |requester| {
+        api.call(
             CommandKind::Create,
-            &CreateRoom {
+            CreateRoom {
                 requester,
                 guild,
-                name: body.name,
-                idempotency_key: body.idempotency_key,
+                name: body.name.clone(),
+                idempotency_key: body.idempotency_key.clone(),
             },
         )
-        .await?;
+    })
+    .await?;
     Ok(HttpResponse::Created().json(created))
 }
 
@@ -132,16 +162,17 @@ pub async fn join(
     body: web::Json<JoinBody>,
 ) -> Result<HttpResponse, HttpError> {
     check_origin(&req, &api.allowed_origins)?;
-    let requester = requester(&auth, &req).await?;
-    let joined: Joined = api
-        .call(
+    let invite = body.into_inner().invite;
+    let joined: Joined = as_player(&auth, &req, |requester| {
+        api.call(
             CommandKind::Join,
-            &JoinRoom {
+            JoinRoom {
                 requester,
-                invite: body.into_inner().invite,
+                invite: invite.clone(),
             },
         )
-        .await?;
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(joined))
 }
 
@@ -153,8 +184,9 @@ pub async fn list(
 ) -> Result<HttpResponse, HttpError> {
     let requester = requester(&auth, &req).await?;
     let rooms: RoomList = api
-        .call(CommandKind::ListMine, &ListMine { requester })
-        .await?;
+        .call(CommandKind::ListMine, ListMine { requester })
+        .await
+        .map_err(|e| e.with_login_url(|| Auth::login_url_for(&req)))?;
     Ok(HttpResponse::Ok().json(rooms))
 }
 
@@ -168,8 +200,9 @@ pub async fn get(
     let room = room_id(&path)?;
     let requester = requester(&auth, &req).await?;
     let view: RoomView = api
-        .call(CommandKind::Get, &RoomCommand { requester, room })
-        .await?;
+        .call(CommandKind::Get, RoomCommand { requester, room })
+        .await
+        .map_err(|e| e.with_login_url(|| Auth::login_url_for(&req)))?;
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -185,17 +218,27 @@ pub async fn action(
     let room = room_id(&room)?;
     let requester = requester(&auth, &req).await?;
     let command = RoomCommand { requester, room };
+    let login = || Auth::login_url_for(&req);
     match action.as_str() {
         "leave" => {
-            let done: Done = api.call(CommandKind::Leave, &command).await?;
+            let done: Done = api
+                .call(CommandKind::Leave, command)
+                .await
+                .map_err(|e| e.with_login_url(login))?;
             Ok(HttpResponse::Ok().json(done))
         }
         "close" => {
-            let done: Done = api.call(CommandKind::Close, &command).await?;
+            let done: Done = api
+                .call(CommandKind::Close, command)
+                .await
+                .map_err(|e| e.with_login_url(login))?;
             Ok(HttpResponse::Ok().json(done))
         }
         "invite" => {
-            let invite: Invite = api.call(CommandKind::RotateInvite, &command).await?;
+            let invite: Invite = api
+                .call(CommandKind::RotateInvite, command)
+                .await
+                .map_err(|e| e.with_login_url(login))?;
             Ok(HttpResponse::Ok().json(invite))
         }
         _ => Err(HttpError::new(ErrorCode::RoomNotFound, "no such action")),
@@ -216,8 +259,9 @@ pub fn json_config(limit: usize) -> web::JsonConfig {
                     "send Content-Type: application/json".to_owned()
                 }
                 other => {
+                    // The message may quote the body: cut it on a character boundary.
                     let mut m = other.to_string();
-                    m.truncate(200);
+                    crate::text::truncate_string(&mut m, 200);
                     m
                 }
             };

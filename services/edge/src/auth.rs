@@ -130,20 +130,30 @@ impl Auth {
             .finish()
     }
 
-    /// The live session of a request, refreshing its Discord token when it is about to expire.
-    /// A missing, invalid or unrefreshable session is a 401 carrying the login URL.
-    pub async fn session(&self, req: &HttpRequest) -> Result<(String, StoredSession), HttpError> {
+    /// Where a 401 for this request sends the player: login, then back to the page named in
+    /// `X-Return-To` (a local path), else `/`.
+    pub fn login_url_for(req: &HttpRequest) -> String {
         let return_to = req
             .headers()
             .get("x-return-to")
             .and_then(|v| v.to_str().ok())
             .map(|s| safe_return_path(Some(s)))
             .unwrap_or_else(|| "/".to_owned());
-        let unauthorized = || HttpError::unauthorized(login_url(&return_to));
+        login_url(&return_to)
+    }
+
+    /// The live session of a request, refreshing its Discord token when it is about to expire.
+    /// A missing, invalid or ended session is a 401 carrying the login URL.
+    pub async fn session(&self, req: &HttpRequest) -> Result<(String, StoredSession), HttpError> {
+        let unauthorized = || HttpError::unauthorized(Self::login_url_for(req));
         let cookie = req
             .cookie(self.sessions.cookie_name())
             .ok_or_else(unauthorized)?;
-        let (id, mut session) = match self.sessions.load(cookie.value()).await {
+        let id = self
+            .sessions
+            .verify(cookie.value())
+            .map_err(|_| unauthorized())?;
+        let (session, _) = match self.sessions.entry(&id).await {
             Ok(found) => found,
             Err(SessionError::Store(e)) => {
                 return Err(HttpError::new(
@@ -153,51 +163,175 @@ impl Auth {
             }
             Err(_) => return Err(unauthorized()),
         };
-        if session.access_expires_at <= voicerooms_contract::now_ms() + REFRESH_MARGIN_MS {
-            match self.refresh(&session).await {
-                Ok(refreshed) => {
-                    session = refreshed;
-                    self.sessions
-                        .update(&id, &session)
-                        .await
-                        .map_err(|e| HttpError::new(ErrorCode::Unavailable, e.to_string()))?;
-                    self.store_token(&session).await;
-                    tracing::info!(user = %session.user.id, "discord token refreshed");
-                }
-                Err(e) => {
-                    tracing::info!(user = %session.user.id, error = %e, "token refresh failed; session ended");
-                    let _ = self.sessions.delete(&id).await;
-                    return Err(unauthorized());
-                }
-            }
+        if !Stale::Expiring.holds(&session, voicerooms_contract::now_ms()) {
+            return Ok((id, session));
         }
-        Ok((id, session))
+        match self.refresh_session(&id, Stale::Expiring).await {
+            Ok(session) => Ok((id, session)),
+            Err(e) => Err(e.into_http(req)),
+        }
     }
 
-    async fn refresh(&self, session: &StoredSession) -> anyhow::Result<StoredSession> {
+    /// Discord refused the player's current token (e.g. it expired early): refresh it once.
+    /// The refreshed session, with its token stored for room-manager.
+    pub async fn refresh_refused(
+        &self,
+        req: &HttpRequest,
+        id: &str,
+        refused: &StoredSession,
+    ) -> Result<StoredSession, HttpError> {
+        self.refresh_session(id, Stale::Refused(refused.access_token.clone()))
+            .await
+            .map_err(|e| e.into_http(req))
+    }
+
+    /// Ends a session for good (its sockets on every edge close too: they watch the bucket).
+    pub async fn end_session(&self, id: &str, user: UserId, why: &str) {
+        tracing::info!(user = %user, why, "session ended");
+        if let Err(e) = self.sessions.delete(id).await {
+            tracing::warn!(user = %user, error = %e, "could not delete an ended session");
+        }
+    }
+
+    /// Refreshes the session's Discord token unless it is no longer stale — once per session at
+    /// a time across every edge. The session entry is the lock: an edge claims the refresh by
+    /// compare-and-set (`refreshing_until`), calls Discord, and writes the new tokens by
+    /// compare-and-set on its claim. Everyone else uses the current token while it lasts, or
+    /// waits for the new one. Discord rotates refresh tokens, so an `invalid_grant` may only
+    /// mean another refresh won: the entry is re-read before the session is given up.
+    async fn refresh_session(&self, id: &str, stale: Stale) -> Result<StoredSession, RefreshError> {
+        let give_up = std::time::Instant::now()
+            .checked_add(Duration::from_millis(
+                self.settings.timeout_ms.saturating_add(CLAIM_SLACK_MS),
+            ))
+            .unwrap_or_else(std::time::Instant::now);
+        loop {
+            let (session, revision) = self.sessions.entry(id).await?;
+            let now = voicerooms_contract::now_ms();
+            if !stale.holds(&session, now) {
+                return Ok(session);
+            }
+            if session.refreshing_until.is_some_and(|until| until > now) {
+                // Another request (here or on another edge) is refreshing it.
+                if stale.usable_meanwhile(&session, now) {
+                    return Ok(session);
+                }
+                if std::time::Instant::now() > give_up {
+                    return Err(RefreshError::Unavailable(
+                        "the token refresh is taking too long",
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let mut claim = session.clone();
+            claim.refreshing_until = Some(
+                now.saturating_add(self.settings.timeout_ms)
+                    .saturating_add(CLAIM_SLACK_MS),
+            );
+            let claimed = match self.sessions.replace(id, &claim, revision).await {
+                Ok(revision) => revision,
+                // Someone else claimed (or refreshed, or ended) it first: look again.
+                Err(SessionError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            return self.refresh_claimed(id, &session, claimed, &stale).await;
+        }
+    }
+
+    /// Calls Discord for a refresh this edge has claimed, and stores the outcome.
+    async fn refresh_claimed(
+        &self,
+        id: &str,
+        session: &StoredSession,
+        mut revision: u64,
+        stale: &Stale,
+    ) -> Result<StoredSession, RefreshError> {
+        match self.refresh(session).await {
+            Ok(mut next) => {
+                next.refreshing_until = None;
+                loop {
+                    match self.sessions.replace(id, &next, revision).await {
+                        Ok(_) => break,
+                        Err(SessionError::Conflict) => {
+                            // Written meanwhile (our claim ran out and another edge took it, or
+                            // a logout). Ours are the valid tokens unless someone refreshed too.
+                            let (current, current_revision) = self.sessions.entry(id).await?;
+                            if current.refresh_token != session.refresh_token {
+                                return Ok(current);
+                            }
+                            revision = current_revision;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                self.store_token(&next).await.map_err(|_| {
+                    RefreshError::Unavailable("could not store the refreshed token")
+                })?;
+                tracing::info!(user = %next.user.id, "discord token refreshed");
+                Ok(next)
+            }
+            Err(Refusal::InvalidGrant(why)) => {
+                // Rotation: another refresh may have used this refresh token first.
+                if let Ok((current, _)) = self.sessions.entry(id).await {
+                    if current.refresh_token != session.refresh_token
+                        && !stale.holds(&current, voicerooms_contract::now_ms())
+                    {
+                        return Ok(current);
+                    }
+                }
+                self.end_session(id, session.user.id, &why).await;
+                Err(RefreshError::Ended)
+            }
+            Err(Refusal::Other(why)) => {
+                // Discord or the network failed: keep the session, release the claim.
+                tracing::warn!(user = %session.user.id, error = %why, "token refresh failed; will retry");
+                let mut released = session.clone();
+                released.refreshing_until = None;
+                let _ = self.sessions.replace(id, &released, revision).await;
+                if stale.usable_meanwhile(session, voicerooms_contract::now_ms()) {
+                    return Ok(session.clone());
+                }
+                Err(RefreshError::Unavailable(
+                    "Discord did not refresh the token; retry",
+                ))
+            }
+        }
+    }
+
+    async fn refresh(&self, session: &StoredSession) -> Result<StoredSession, Refusal> {
         let token = self
             .client
             .exchange_refresh_token(&RefreshToken::new(session.refresh_token.clone()))
             .request_async(&self.http)
             .await
-            .map_err(|e| anyhow::anyhow!("refresh: {}", oauth_error(&e)))?;
+            .map_err(|e| match &e {
+                oauth2::RequestTokenError::ServerResponse(r)
+                    if *r.error() == oauth2::basic::BasicErrorResponseType::InvalidGrant =>
+                {
+                    Refusal::InvalidGrant(oauth_error(&e))
+                }
+                _ => Refusal::Other(oauth_error(&e)),
+            })?;
         let now = voicerooms_contract::now_ms();
         let mut next = session.clone();
         next.access_token = token.access_token().secret().clone();
         if let Some(refresh) = token.refresh_token() {
             next.refresh_token = refresh.secret().clone();
         }
-        next.access_expires_at = now
-            + token
+        next.access_expires_at = now.saturating_add(
+            token
                 .expires_in()
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(3_600_000);
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(3_600_000),
+        );
         next.scope = scope_string(token.scopes()).unwrap_or(next.scope);
         Ok(next)
     }
 
-    /// Writes the access token where room-manager reads it (best effort: login still works).
-    async fn store_token(&self, session: &StoredSession) {
+    /// Writes the access token where room-manager reads it. Login goes on when this fails (the
+    /// caller logs it); a refresh for room-manager's sake does not.
+    async fn store_token(&self, session: &StoredSession) -> Result<(), String> {
         let token = UserToken {
             v: 1,
             access_token: session.access_token.clone(),
@@ -213,8 +347,68 @@ impl Auth {
             (Err(e), _) => Err(e.to_string()),
             (_, Err(e)) => Err(e.to_string()),
         };
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::warn!(user = %session.user.id, error = %e, "could not store the player's token");
+        }
+        result
+    }
+}
+
+/// Extra time a refresh claim lasts beyond the token endpoint's timeout.
+const CLAIM_SLACK_MS: u64 = 2_000;
+
+/// What makes a session's token due for a refresh.
+enum Stale {
+    /// It expires within [`REFRESH_MARGIN_MS`].
+    Expiring,
+    /// Discord refused this access token.
+    Refused(String),
+}
+
+impl Stale {
+    fn holds(&self, session: &StoredSession, now: u64) -> bool {
+        match self {
+            Stale::Expiring => session.access_expires_at <= now.saturating_add(REFRESH_MARGIN_MS),
+            Stale::Refused(token) => session.access_token == *token,
+        }
+    }
+
+    /// Whether the current token can still be used while another refresh runs.
+    fn usable_meanwhile(&self, session: &StoredSession, now: u64) -> bool {
+        matches!(self, Stale::Expiring) && session.access_expires_at > now
+    }
+}
+
+/// Why Discord's token endpoint gave no new token.
+enum Refusal {
+    /// The refresh token is no longer valid (rotated, revoked, expired).
+    InvalidGrant(String),
+    /// Anything else: unreachable, a server error, an unreadable answer.
+    Other(String),
+}
+
+/// Why a session could not be refreshed.
+#[derive(Debug)]
+enum RefreshError {
+    /// The session is gone (deleted, expired, or Discord refused its refresh token).
+    Ended,
+    Unavailable(&'static str),
+}
+
+impl From<SessionError> for RefreshError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Store(_) => RefreshError::Unavailable("session store unavailable"),
+            _ => RefreshError::Ended,
+        }
+    }
+}
+
+impl RefreshError {
+    fn into_http(self, req: &HttpRequest) -> HttpError {
+        match self {
+            RefreshError::Ended => HttpError::unauthorized(Auth::login_url_for(req)),
+            RefreshError::Unavailable(why) => HttpError::new(ErrorCode::DiscordUnavailable, why),
         }
     }
 }
@@ -361,21 +555,25 @@ pub async fn callback(
             .refresh_token()
             .map(|r| r.secret().clone())
             .unwrap_or_default(),
-        access_expires_at: now
-            + token
+        access_expires_at: now.saturating_add(
+            token
                 .expires_in()
-                .map(|d| d.as_millis() as u64)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(3_600_000),
+        ),
         scope: scope_string(token.scopes()).unwrap_or_else(|| auth.settings.scopes.clone()),
         created_at: now,
-        expires_at: now + auth.session_ttl_ms,
+        expires_at: now.saturating_add(auth.session_ttl_ms),
+        refreshing_until: None,
     };
     let value = auth
         .sessions
         .create(&session)
         .await
         .map_err(|e| HttpError::new(ErrorCode::Unavailable, e.to_string()))?;
-    auth.store_token(&session).await;
+    // Login goes on without it: room-manager then asks the player to log in again when it
+    // needs the token (already logged).
+    let _ = auth.store_token(&session).await;
     tracing::info!(user = %session.user.id, "logged in");
     let mut clear = Cookie::build(FLOW_COOKIE, "").path("/auth").finish();
     clear.make_removal();

@@ -36,6 +36,17 @@ impl HttpError {
         }
     }
 
+    /// A 401 that does not say where to log in gets `login_url` (every 401 does, docs/HTTP_API.md).
+    pub fn with_login_url(mut self, login_url: impl FnOnce() -> String) -> Self {
+        if self.error.code == ErrorCode::Unauthorized
+            && self.status_override.is_none()
+            && self.login_url.is_none()
+        {
+            self.login_url = Some(login_url());
+        }
+        self
+    }
+
     pub fn forbidden(code: &'static str, message: &str) -> Self {
         Self {
             error: ApiError::new(ErrorCode::Validation, message),

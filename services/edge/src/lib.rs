@@ -16,6 +16,7 @@
 //! - [`http`]: typed JSON errors, the cross-site request check, safe return paths.
 //! - [`metrics`]: the Prometheus series (`voicerooms_edge_*`).
 //! - [`page`]: the players' page and the JavaScript client module (embedded static files).
+//! - [`text`]: cutting text to a byte budget on a character boundary.
 
 pub mod api;
 pub mod auth;
@@ -26,6 +27,7 @@ pub mod outbox;
 pub mod page;
 pub mod protocol;
 pub mod session;
+pub mod text;
 pub mod ws;
 
 use std::future::Future;
@@ -67,6 +69,19 @@ pub struct WebSocketSettings {
     pub max_subscriptions: usize,
     /// Most events replayed for one `since`; beyond it the client gets a fresh snapshot.
     pub replay_limit: u64,
+    /// Most bytes of events replayed for one subscribe (or one repair); beyond it the client
+    /// gets a fresh snapshot. At most half of `max_queue_bytes`, so a catch-up always fits.
+    pub replay_max_bytes: usize,
+    /// Bound of each JetStream read of catch-ups and repairs (they are retried).
+    pub read_timeout_ms: u64,
+    /// Repairs after a NATS reconnect start at a random delay up to this.
+    pub repair_jitter_ms: u64,
+    /// JetStream API calls per second for catch-ups and repairs, across this edge.
+    pub jetstream_rate: u32,
+    /// JetStream API calls in flight at once, across this edge.
+    pub jetstream_concurrency: usize,
+    /// How often the `ROOMS` stream's epoch is checked while rooms are served.
+    pub epoch_check_interval_ms: u64,
 }
 
 impl Default for WebSocketSettings {
@@ -82,6 +97,12 @@ impl Default for WebSocketSettings {
             max_connections_per_user: 20,
             max_subscriptions: 16,
             replay_limit: 10_000,
+            replay_max_bytes: 256 * 1024,
+            read_timeout_ms: 1_000,
+            repair_jitter_ms: 1_000,
+            jetstream_rate: 500,
+            jetstream_concurrency: 32,
+            epoch_check_interval_ms: 5_000,
         }
     }
 }
@@ -228,6 +249,22 @@ impl CheckSettings for EdgeSettings {
         )?;
         positive("websocket.max_subscriptions", ws.max_subscriptions as u64)?;
         positive("websocket.replay_limit", ws.replay_limit)?;
+        if ws.replay_max_bytes < 1024 || ws.replay_max_bytes > ws.max_queue_bytes / 2 {
+            return Err(SettingsError::invalid(
+                "websocket.replay_max_bytes",
+                "must be 1024 up to half of websocket.max_queue_bytes",
+            ));
+        }
+        positive("websocket.read_timeout_ms", ws.read_timeout_ms)?;
+        positive("websocket.jetstream_rate", u64::from(ws.jetstream_rate))?;
+        positive(
+            "websocket.jetstream_concurrency",
+            ws.jetstream_concurrency as u64,
+        )?;
+        positive(
+            "websocket.epoch_check_interval_ms",
+            ws.epoch_check_interval_ms,
+        )?;
         let session = &self.session;
         if session.cookie_name.is_empty()
             || !session
@@ -341,7 +378,7 @@ impl Application {
         ));
         let key = session_key(&settings.service.session);
         let sessions = session::SessionStore::new(
-            sessions_kv,
+            sessions_kv.clone(),
             key.clone(),
             settings.service.session.cookie_name.clone(),
         );
@@ -362,21 +399,39 @@ impl Application {
             allowed_origins: origins,
         });
         let json = api::json_config(settings.service.edge.max_body_bytes);
+        let ws_settings = &settings.service.websocket;
         let hub = hub::Hub::new(
             builder.nats().clone(),
             rooms_kv,
             builder.nats_events_sender(),
-            settings.service.websocket.replay_limit,
+            hub::HubConfig {
+                replay_limit: ws_settings.replay_limit,
+                replay_max_bytes: ws_settings.replay_max_bytes,
+                read_timeout: std::time::Duration::from_millis(ws_settings.read_timeout_ms),
+                repair_jitter: std::time::Duration::from_millis(ws_settings.repair_jitter_ms),
+                epoch_check_interval: std::time::Duration::from_millis(
+                    ws_settings.epoch_check_interval_ms,
+                ),
+                jetstream_rate: ws_settings.jetstream_rate,
+                jetstream_concurrency: ws_settings.jetstream_concurrency,
+            },
             builder.shutdown_token(),
+            builder.tasks().clone(),
             metrics.clone(),
         );
-        let ws_state = web::Data::new(ws::WsState::new(
+        let ws_state = Arc::new(ws::WsState::new(
             hub.clone(),
             sessions.clone(),
-            settings.service.websocket.clone(),
+            ws_settings.clone(),
             metrics,
             builder.shutdown_token(),
+            builder.tasks().clone(),
+            settings.service.edge.origins(),
         ));
+        builder
+            .tasks()
+            .spawn(ws_state.clone().watch_sessions(sessions_kv.clone()));
+        let ws_state = web::Data::from(ws_state);
         let service = builder.start(vec![stream_check], move |cfg| {
             cfg.app_data(ws_state.clone())
                 .app_data(auth.clone())

@@ -27,6 +27,18 @@ pub struct EdgeMetrics {
     pub queued_bytes: Gauge,
     pub auth_failures: Counter,
     pub rejected_connections: Counter,
+    /// JetStream API calls made by catch-ups and repairs (paced by `jetstream_rate`).
+    pub jetstream_calls: Counter,
+    /// Subscriptions ended by the server: membership removed, room deleted.
+    pub revocations: Counter,
+    /// Catch-ups answered with a snapshot because the replay would have been too large.
+    pub snapshot_fallbacks: Counter,
+    /// Room pumps that ended abnormally (their subscribers were told to resubscribe).
+    pub pump_failures: Counter,
+    /// Connections closed because their session ended (logout, failed refresh).
+    pub sessions_ended: Counter,
+    /// Connections refused at the upgrade for a foreign `Origin`.
+    pub refused_origins: Counter,
     /// Seconds from the event's `received_at` (gateway receive time) to its fan-out here.
     pub fanout_latency: Histogram,
     /// Seconds from `received_at` to the frame's hand-off to each client's socket.
@@ -49,6 +61,12 @@ impl Default for EdgeMetrics {
             queued_bytes: Gauge::default(),
             auth_failures: Counter::default(),
             rejected_connections: Counter::default(),
+            jetstream_calls: Counter::default(),
+            revocations: Counter::default(),
+            snapshot_fallbacks: Counter::default(),
+            pump_failures: Counter::default(),
+            sessions_ended: Counter::default(),
+            refused_origins: Counter::default(),
             fanout_latency: Histogram::new(LATENCY_BUCKETS),
             delivery_latency: Histogram::new(LATENCY_BUCKETS),
         }
@@ -122,6 +140,36 @@ impl EdgeMetrics {
             "rejected_connections",
             "Connections refused by a limit",
             self.rejected_connections.clone(),
+        );
+        r.register(
+            "jetstream_calls",
+            "JetStream API calls of catch-ups and repairs",
+            self.jetstream_calls.clone(),
+        );
+        r.register(
+            "revocations",
+            "Subscriptions ended by the server (member removed, room deleted)",
+            self.revocations.clone(),
+        );
+        r.register(
+            "snapshot_fallbacks",
+            "Catch-ups answered with a snapshot because the replay would have been too large",
+            self.snapshot_fallbacks.clone(),
+        );
+        r.register(
+            "pump_failures",
+            "Room pumps that ended abnormally",
+            self.pump_failures.clone(),
+        );
+        r.register(
+            "sessions_ended",
+            "Connections closed because their session ended (logout, failed refresh)",
+            self.sessions_ended.clone(),
+        );
+        r.register(
+            "refused_origins",
+            "WebSocket upgrades refused for a foreign Origin",
+            self.refused_origins.clone(),
         );
         r.register(
             "fanout_latency_seconds",

@@ -6,11 +6,12 @@
 //! the queue into the socket and closes the connection with 1008 once it sees the overflow.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytestring::ByteString;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, Notify};
+use voicerooms_contract::RoomId;
 
 /// What the writer sends, in order.
 #[derive(Debug)]
@@ -22,6 +23,16 @@ pub enum Out {
     Close(u16, &'static str),
 }
 
+/// Why the server closes a connection from outside its reader (e.g. its session ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kick {
+    /// The WebSocket close code.
+    pub code: u16,
+    /// The `error` frame's code sent before the close.
+    pub error: &'static str,
+    pub message: &'static str,
+}
+
 /// State shared by a connection's producers and its writer (one allocation per connection).
 struct Shared {
     /// Bytes of frames queued and not yet handed to the socket.
@@ -31,6 +42,13 @@ struct Shared {
     /// Bytes queued across every connection (`voicerooms_edge_queued_bytes`); moves with
     /// `queued`.
     total: Gauge,
+    /// Subscriptions the server ended (membership revoked, room deleted, pump failed), as
+    /// (room, subscription id); the connection's reader forgets them. At most one entry per
+    /// subscription the client made, and the reader drains them before it makes another.
+    ended: Mutex<Vec<(RoomId, u64)>>,
+    /// Set when the connection must close (its session ended); `kicked` wakes the reader.
+    kick: Mutex<Option<Kick>>,
+    kicked: Notify,
 }
 
 impl Drop for Shared {
@@ -67,6 +85,9 @@ pub fn outbox(limit: usize, total: Gauge) -> (Outbox, Inbox) {
         overflowed: AtomicBool::new(false),
         overflow: Notify::new(),
         total,
+        ended: Mutex::new(Vec::new()),
+        kick: Mutex::new(None),
+        kicked: Notify::new(),
     });
     (
         Outbox {
@@ -96,7 +117,10 @@ impl Outbox {
             return false;
         }
         let len = frame.len();
-        let total = shared.queued.fetch_add(len, Ordering::AcqRel) + len;
+        let total = shared
+            .queued
+            .fetch_add(len, Ordering::AcqRel)
+            .saturating_add(len);
         if total > self.limit {
             shared.queued.fetch_sub(len, Ordering::AcqRel);
             shared.overflowed.store(true, Ordering::Release);
@@ -132,6 +156,61 @@ impl Outbox {
 
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// Records that the server ended subscription `sub` to `room` (its frames are already
+    /// queued).
+    pub fn end_subscription(&self, room: RoomId, sub: u64) {
+        let mut ended = self
+            .shared
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        ended.push((room, sub));
+    }
+
+    /// The subscriptions the server ended since the last call.
+    pub fn take_ended(&self) -> Vec<(RoomId, u64)> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .ended
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Asks the connection's reader to close it (the first kick wins).
+    pub fn kick(&self, kick: Kick) {
+        let mut slot = self
+            .shared
+            .kick
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(kick);
+            self.shared.kicked.notify_one();
+        }
+    }
+
+    /// Resolves with the kick once one was made.
+    pub async fn kicked(&self) -> Kick {
+        loop {
+            if let Some(kick) = *self
+                .shared
+                .kick
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                return kick;
+            }
+            self.shared.kicked.notified().await;
+        }
+    }
+
+    /// Whether two handles are the same connection's.
+    pub fn same_connection(&self, other: &Outbox) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 }
 

@@ -3,7 +3,8 @@
 //! It keeps the original envelope — `{"v":1, "type", "event"?, "payload"?, "error"?, "ts"}` — and
 //! adds per-room subscriptions, a per-room sequence on every event and resume-from-sequence.
 //!
-//! Client → server: `auth {session}`, `subscribe {room, since?}`, `unsubscribe {room}`, `ping`.
+//! Client → server: `auth {session}`, `subscribe {room, since?, epoch?}`, `unsubscribe {room}`,
+//! `ping`.
 //! Server → client: `ack` (`auth.ok`, `subscribed`, `unsubscribed`, `pong`), `event`, `error`.
 
 use bytestring::ByteString;
@@ -19,13 +20,20 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down: reconnect (to any instance) with `since`.
     pub const GOING_AWAY: u16 = 1001;
+    /// A frame that breaks the WebSocket protocol (e.g. unmasked, bad opcode).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not valid UTF-8 (RFC 6455 §7.4.1).
+    pub const INVALID_DATA: u16 = 1007;
     /// The outgoing queue passed its limit: the client was too slow. Reconnect with `since`.
     pub const SLOW_CONSUMER: u16 = 1008;
     /// A frame larger than the limit.
     pub const TOO_BIG: u16 = 1009;
+    /// The edge cannot serve the connection right now (e.g. its session store is unreachable):
+    /// reconnect after a backoff.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Not authenticated within the deadline, or authentication failed.
     pub const UNAUTHENTICATED: u16 = 4001;
-    /// The session expired and could not be refreshed: log in again.
+    /// The session expired, could not be refreshed, or was ended (logout): log in again.
     pub const SESSION_EXPIRED: u16 = 4003;
     /// Too many connections (per user or per instance).
     pub const CONNECTION_LIMIT: u16 = 4008;
@@ -46,12 +54,28 @@ pub enum FrameError {
     Payload(String),
 }
 
+/// Identity of the `ROOMS` stream the sequences belong to (its creation time). Sequences restart
+/// when the stream is recreated, so a position is `(epoch, seq)`; on the wire the epoch is a
+/// string of digits (JavaScript numbers cannot hold every `u64`).
+pub type Epoch = u64;
+
 /// A message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
-    Auth { session: String },
-    Subscribe { room: RoomId, since: Option<u64> },
-    Unsubscribe { room: RoomId },
+    Auth {
+        session: String,
+    },
+    /// `since` is the last sequence the client applied, `epoch` the stream it came from (from the
+    /// `subscribed` ack). A `since` without the current epoch cannot be trusted: the client gets
+    /// a snapshot.
+    Subscribe {
+        room: RoomId,
+        since: Option<u64>,
+        epoch: Option<Epoch>,
+    },
+    Unsubscribe {
+        room: RoomId,
+    },
     Ping,
 }
 
@@ -76,6 +100,8 @@ struct SubscribePayload {
     room: RoomId,
     #[serde(default)]
     since: Option<u64>,
+    #[serde(default)]
+    epoch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -89,9 +115,23 @@ fn payload<T: serde::de::DeserializeOwned>(p: Option<serde_json::Value>) -> Resu
     serde_json::from_value(value).map_err(|e| FrameError::Payload(truncate(e.to_string())))
 }
 
+/// Longest error message sent back (they may quote the client's input).
+const MAX_ERROR_BYTES: usize = 200;
+
 fn truncate(mut s: String) -> String {
-    s.truncate(200);
+    crate::text::truncate_string(&mut s, MAX_ERROR_BYTES);
     s
+}
+
+/// An epoch as the client sent it back: the digits of a `u64`.
+fn parse_epoch(raw: &str) -> Result<Epoch, FrameError> {
+    if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(FrameError::Payload(
+            "epoch must be the digits the server sent".into(),
+        ));
+    }
+    raw.parse()
+        .map_err(|_| FrameError::Payload("epoch is out of range".into()))
 }
 
 impl ClientMessage {
@@ -115,9 +155,11 @@ impl ClientMessage {
             }
             "subscribe" => {
                 let p: SubscribePayload = payload(raw.payload)?;
+                let epoch = p.epoch.as_deref().map(parse_epoch).transpose()?;
                 Ok(ClientMessage::Subscribe {
                     room: p.room,
                     since: p.since,
+                    epoch,
                 })
             }
             "unsubscribe" => {
@@ -125,7 +167,9 @@ impl ClientMessage {
                 Ok(ClientMessage::Unsubscribe { room: p.room })
             }
             "ping" => Ok(ClientMessage::Ping),
-            other => Err(FrameError::UnknownType(other.chars().take(32).collect())),
+            other => Err(FrameError::UnknownType(
+                crate::text::truncate_str(other, 64).to_owned(),
+            )),
         }
     }
 }
@@ -247,15 +291,23 @@ pub struct AuthOk<'a> {
 #[derive(Serialize)]
 pub struct Subscribed<'a> {
     /// True when every event after `since` follows; false when the client must replace its state
-    /// with `snapshot` (its `since` was too old, or it gave none).
+    /// with `snapshot` (its `since` was too old, too far behind, from another epoch, beyond the
+    /// stream, or it gave none).
     pub recovered: bool,
     /// The room's state at `seq`, sent when not recovering from `since`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<&'a RoomView>,
     /// Events after this sequence follow, in order.
     pub seq: u64,
+    /// The stream `seq` belongs to; send it back with `since`.
+    #[serde(serialize_with = "epoch_as_string")]
+    pub epoch: Epoch,
     /// How many events are being replayed right after this ack.
     pub replayed: usize,
+}
+
+fn epoch_as_string<S: serde::Serializer>(epoch: &Epoch, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(epoch)
 }
 
 #[cfg(test)]
@@ -268,7 +320,18 @@ mod tests {
             ClientMessage::parse(r#"{"v":1,"type":"subscribe","payload":{"room":"42","since":7}}"#),
             Ok(ClientMessage::Subscribe {
                 room: RoomId::new(42).unwrap(),
-                since: Some(7)
+                since: Some(7),
+                epoch: None,
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"v":1,"type":"subscribe","payload":{"room":"42","since":7,"epoch":"1764100000123456789"}}"#
+            ),
+            Ok(ClientMessage::Subscribe {
+                room: RoomId::new(42).unwrap(),
+                since: Some(7),
+                epoch: Some(1_764_100_000_123_456_789),
             })
         );
         assert_eq!(
@@ -313,5 +376,20 @@ mod tests {
             ClientMessage::parse(r#"{"v":1,"type":"subscribe"}"#),
             Err(FrameError::Payload(_))
         ));
+        for epoch in [
+            r#""""#,
+            r#""-1""#,
+            r#""1e3""#,
+            r#""99999999999999999999""#,
+            "7",
+        ] {
+            let frame = format!(
+                r#"{{"v":1,"type":"subscribe","payload":{{"room":"1","since":1,"epoch":{epoch}}}}}"#
+            );
+            assert!(
+                matches!(ClientMessage::parse(&frame), Err(FrameError::Payload(_))),
+                "{frame}"
+            );
+        }
     }
 }

@@ -31,6 +31,11 @@ pub struct StoredSession {
     pub created_at: Millis,
     /// When the session itself ends (absolute).
     pub expires_at: Millis,
+    /// Set while one edge refreshes the Discord token (until this time): the others use the
+    /// current token while it lasts, or wait for the new one. Written by compare-and-set, so one
+    /// refresh runs per session across every edge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshing_until: Option<Millis>,
 }
 
 impl std::fmt::Debug for StoredSession {
@@ -54,6 +59,9 @@ pub enum SessionError {
     Expired,
     #[error("session store unavailable: {0}")]
     Store(String),
+    /// A compare-and-set lost: the entry changed since it was read.
+    #[error("the session changed meanwhile")]
+    Conflict,
 }
 
 /// Sessions in KV, cookies signed with one key.
@@ -89,7 +97,8 @@ impl SessionStore {
         Ok(self.sign(&id))
     }
 
-    /// Replaces a session's data (e.g. after a token refresh).
+    /// Replaces a session's data unconditionally (tests and tools; the edge uses
+    /// [`SessionStore::replace`]).
     pub async fn update(&self, id: &str, session: &StoredSession) -> Result<(), SessionError> {
         let bytes = serde_json::to_vec(session).map_err(|e| SessionError::Store(e.to_string()))?;
         self.store()
@@ -98,6 +107,42 @@ impl SessionStore {
             .await
             .map(|_| ())
             .map_err(|e| SessionError::Store(e.to_string()))
+    }
+
+    /// Replaces a session's data if it is still at `revision`; its new revision, or
+    /// [`SessionError::Conflict`] when someone wrote (or deleted) it meanwhile.
+    pub async fn replace(
+        &self,
+        id: &str,
+        session: &StoredSession,
+        revision: u64,
+    ) -> Result<u64, SessionError> {
+        use async_nats::jetstream::kv::UpdateErrorKind;
+        let bytes = serde_json::to_vec(session).map_err(|e| SessionError::Store(e.to_string()))?;
+        match self.store().await?.update(id, bytes.into(), revision).await {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(SessionError::Conflict),
+            Err(e) => Err(SessionError::Store(e.to_string())),
+        }
+    }
+
+    /// A session by id with its revision (`NotFound` once deleted, `Expired` past its end).
+    pub async fn entry(&self, id: &str) -> Result<(StoredSession, u64), SessionError> {
+        use async_nats::jetstream::kv::Operation;
+        let entry = self
+            .store()
+            .await?
+            .entry(id)
+            .await
+            .map_err(|e| SessionError::Store(e.to_string()))?
+            .filter(|e| e.operation == Operation::Put)
+            .ok_or(SessionError::NotFound)?;
+        let session: StoredSession =
+            serde_json::from_slice(&entry.value).map_err(|e| SessionError::Store(e.to_string()))?;
+        if session.expires_at <= voicerooms_contract::now_ms() {
+            return Err(SessionError::Expired);
+        }
+        Ok((session, entry.revision))
     }
 
     /// The session id inside a signed cookie value, if the signature holds.

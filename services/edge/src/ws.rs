@@ -1,28 +1,37 @@
-//! One WebSocket connection: authentication, subscriptions, liveness and its writer.
+//! One WebSocket connection: the upgrade's origin check, authentication, subscriptions,
+//! liveness and its writer.
 //!
 //! ```text
 //! reader loop (this task)                        writer task
 //!   frames from the client ──▶ handle ──┐          Inbox ──▶ socket (in order)
 //!   auth deadline, pings, session checks ├─▶ Outbox ─┘   overflow ──▶ close 1008
 //!   room pumps ──────────────────────────┘
+//!   session ended (any edge) ──▶ kick ──▶ close 4003
 //! ```
+//!
+//! Every count a connection takes — the edge's connection count, the user's slot, its place in
+//! the session index — is held by a guard that gives it back when dropped, so no path out of a
+//! connection (a panic included) can leak one.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
+use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use voicerooms_contract::{ErrorCode, Millis, RoomId, UserId, UserRef};
+use voicerooms_platform::nats::LazyBucket;
 
-use crate::hub::{ConnId, Hub};
+use crate::hub::{Attached, ConnId, Hub, Since, Subscription};
 use crate::metrics::EdgeMetrics;
-use crate::outbox::{outbox, Inbox, Out, Outbox, OverflowSignal};
-use crate::protocol::{self, close, ClientMessage};
+use crate::outbox::{outbox, Inbox, Kick, Out, Outbox, OverflowSignal};
+use crate::protocol::{self, close, ClientMessage, Epoch};
 use crate::session::{SessionError, SessionStore};
 use crate::WebSocketSettings;
 
@@ -33,10 +42,21 @@ pub struct WsState {
     pub settings: WebSocketSettings,
     pub metrics: EdgeMetrics,
     pub shutdown: CancellationToken,
+    tasks: TaskTracker,
+    allowed_origins: Vec<String>,
     next_id: AtomicU64,
     open: AtomicUsize,
-    per_user: Mutex<std::collections::HashMap<UserId, usize>>,
+    per_user: Mutex<HashMap<UserId, usize>>,
+    /// Open connections by session id, to close them when the session ends.
+    by_session: Mutex<HashMap<String, Vec<Outbox>>>,
 }
+
+/// Closes the connections of a session that ended.
+const SESSION_ENDED: Kick = Kick {
+    code: close::SESSION_EXPIRED,
+    error: "session_ended",
+    message: "your session ended (logged out); log in again",
+};
 
 impl WsState {
     pub fn new(
@@ -45,6 +65,8 @@ impl WsState {
         settings: WebSocketSettings,
         metrics: EdgeMetrics,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
+        allowed_origins: Vec<String>,
     ) -> Self {
         Self {
             hub,
@@ -52,45 +74,167 @@ impl WsState {
             settings,
             metrics,
             shutdown,
+            tasks,
+            allowed_origins,
             next_id: AtomicU64::new(1),
             open: AtomicUsize::new(0),
-            per_user: Mutex::new(std::collections::HashMap::new()),
+            per_user: Mutex::new(HashMap::new()),
+            by_session: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Counts a user's connection; false past the per-user limit.
-    fn admit_user(&self, user: UserId) -> bool {
-        let Ok(mut map) = self.per_user.lock() else {
-            return false;
-        };
+    /// Takes one of the user's connection slots; `None` past the per-user limit.
+    fn admit_user(self: &Arc<Self>, user: UserId) -> Option<UserSlot> {
+        let mut map = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
         let count = map.entry(user).or_insert(0);
         if *count >= self.settings.max_connections_per_user {
-            return false;
+            return None;
         }
-        *count += 1;
-        true
+        *count = count.saturating_add(1);
+        Some(UserSlot {
+            state: self.clone(),
+            user,
+        })
     }
 
-    fn release_user(&self, user: UserId) {
-        if let Ok(mut map) = self.per_user.lock() {
-            if let Some(count) = map.get_mut(&user) {
-                *count -= 1;
-                if *count == 0 {
-                    map.remove(&user);
+    /// Indexes a connection under its session, so that the session's end closes it.
+    fn register_session(self: &Arc<Self>, session: String, outbox: &Outbox) -> SessionSlot {
+        self.by_session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(session.clone())
+            .or_default()
+            .push(outbox.clone());
+        SessionSlot {
+            state: self.clone(),
+            session,
+            outbox: outbox.clone(),
+        }
+    }
+
+    /// Closes every connection of `session` on this edge (4003 after `error session_ended`).
+    pub fn end_session(&self, session: &str) {
+        let ended = self
+            .by_session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(session)
+            .unwrap_or_default();
+        for outbox in &ended {
+            self.metrics.sessions_ended.inc();
+            outbox.kick(SESSION_ENDED);
+        }
+        if !ended.is_empty() {
+            tracing::info!(
+                connections = ended.len(),
+                "session ended; its connections close"
+            );
+        }
+    }
+
+    /// Watches the `sessions` bucket and closes the connections of every session deleted on any
+    /// edge (logout, failed refresh), within moments. The periodic session re-check of each
+    /// connection stays the fallback while the watch is down.
+    pub async fn watch_sessions(self: Arc<Self>, bucket: Arc<LazyBucket>) {
+        use async_nats::jetstream::kv::Operation;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let watch = match bucket.get().await {
+                Ok(store) => store.watch_all().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match watch {
+                Ok(mut entries) => {
+                    delay = Duration::from_millis(100);
+                    loop {
+                        let entry = tokio::select! {
+                            _ = self.shutdown.cancelled() => return,
+                            entry = entries.next() => entry,
+                        };
+                        match entry {
+                            Some(Ok(entry)) => {
+                                if matches!(entry.operation, Operation::Delete | Operation::Purge) {
+                                    self.end_session(&entry.key);
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "session watch failed; restarting it");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "cannot watch sessions yet"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = delay.saturating_mul(2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// One of a user's connection slots, given back on drop.
+struct UserSlot {
+    state: Arc<WsState>,
+    user: UserId,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .state
+            .per_user
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = map.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.user);
             }
         }
     }
 }
 
-/// `GET /ws`: upgrades and spawns the connection.
+/// A connection's place in the session index, removed on drop.
+struct SessionSlot {
+    state: Arc<WsState>,
+    session: String,
+    outbox: Outbox,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .state
+            .by_session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = map.get_mut(&self.session) {
+            list.retain(|o| !o.same_connection(&self.outbox));
+            if list.is_empty() {
+                map.remove(&self.session);
+            }
+        }
+    }
+}
+
+/// `GET /ws`: checks the origin, then upgrades and spawns the connection.
 pub async fn upgrade(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<WsState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let state = state.into_inner();
-    let open = state.open.fetch_add(1, Ordering::AcqRel) + 1;
+    // The same rule as state-changing requests: a cookie-authenticated socket opened by another
+    // site (or another port of this host) would act as the player.
+    if let Err(refused) = crate::http::check_origin(&req, &state.allowed_origins) {
+        state.metrics.refused_origins.inc();
+        return Err(refused.into());
+    }
+    let open = state.open.fetch_add(1, Ordering::AcqRel).saturating_add(1);
     let mut open_slot = OpenSlot {
         state: state.clone(),
         admitted: false,
@@ -98,7 +242,7 @@ pub async fn upgrade(
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     if open > state.settings.max_connections {
         state.metrics.rejected_connections.inc();
-        actix_web::rt::spawn(refuse(session, open_slot));
+        state.tasks.spawn_local(refuse(session, open_slot));
         return Ok(response);
     }
     let cookie = req
@@ -110,7 +254,9 @@ pub async fn upgrade(
         .max_continuation_size(state.settings.max_frame_bytes);
     state.metrics.connections.inc();
     open_slot.admitted = true;
-    actix_web::rt::spawn(Connection::run(open_slot, session, stream, cookie));
+    state
+        .tasks
+        .spawn_local(Connection::run(open_slot, session, stream, cookie));
     Ok(response)
 }
 
@@ -154,10 +300,28 @@ fn reason(code: u16, description: &str) -> CloseReason {
     }
 }
 
+/// The close a broken frame earns: 1007 for text that is not UTF-8, 1009 for a frame over the
+/// size limit, 1002 for anything else that breaks the protocol.
+fn protocol_close(error: &ProtocolError) -> (u16, &'static str) {
+    match error {
+        ProtocolError::Overflow => (close::TOO_BIG, "frame too large"),
+        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            (close::INVALID_DATA, "text frame is not valid UTF-8")
+        }
+        // actix-ws reports an over-long fragmented message this way.
+        ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
+            (close::TOO_BIG, "frame too large")
+        }
+        _ => (close::PROTOCOL_ERROR, "websocket protocol error"),
+    }
+}
+
 struct Authenticated {
     user: UserRef,
     cookie: String,
     expires_at: Millis,
+    _slot: UserSlot,
+    _session: SessionSlot,
 }
 
 struct Connection {
@@ -165,7 +329,9 @@ struct Connection {
     state: Arc<WsState>,
     outbox: Outbox,
     auth: Option<Authenticated>,
-    rooms: HashSet<RoomId>,
+    /// Subscribed rooms and the id of each subscription.
+    rooms: HashMap<RoomId, u64>,
+    next_sub: u64,
     last_seen: Instant,
 }
 
@@ -194,24 +360,32 @@ impl Connection {
             state.metrics.queued_bytes.clone(),
         );
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        let writer = actix_web::rt::spawn(write_loop(session, inbox, state.clone()));
+        let writer = state
+            .tasks
+            .spawn_local(write_loop(session, inbox, state.clone()));
         let mut conn = Connection {
             id,
             state,
             outbox,
             auth: None,
-            rooms: HashSet::new(),
+            rooms: HashMap::new(),
+            next_sub: 1,
             last_seen: Instant::now(),
         };
         async move {
             // One timer for the auth deadline, pings and session checks (memory per connection).
             let settings = &conn.state.settings;
             let started = Instant::now();
-            let auth_deadline = started + Duration::from_millis(settings.auth_timeout_ms);
+            let after = |ms: u64| {
+                started
+                    .checked_add(Duration::from_millis(ms))
+                    .unwrap_or(started)
+            };
+            let auth_deadline = after(settings.auth_timeout_ms);
             let ping_every = Duration::from_millis(settings.ping_interval_ms);
             let check_every = Duration::from_millis(settings.session_check_interval_ms);
-            let mut next_ping = started + ping_every;
-            let mut next_check = started + check_every;
+            let mut next_ping = after(settings.ping_interval_ms);
+            let mut next_check = after(settings.session_check_interval_ms);
             let idle = Duration::from_millis(settings.idle_timeout_ms);
             let mut flow = Flow::Continue;
             if let Some(cookie) = cookie {
@@ -230,7 +404,8 @@ impl Connection {
                         Some(Err(e)) => {
                             tracing::debug!(conn = conn.id, error = %e, "websocket protocol error");
                             conn.state.metrics.bad_frames.inc();
-                            Flow::Close(close::TOO_BIG, "frame too large or invalid")
+                            let (code, why) = protocol_close(&e);
+                            Flow::Close(code, why)
                         }
                         None => break,
                     },
@@ -243,7 +418,7 @@ impl Connection {
                             flow = Flow::Close(close::UNAUTHENTICATED, "authentication timeout");
                         } else if now >= next_ping {
                             // A late tick delays the next one (no burst of pings).
-                            next_ping = now + ping_every;
+                            next_ping = now.checked_add(ping_every).unwrap_or(now);
                             if conn.last_seen.elapsed() > idle {
                                 flow = Flow::Close(close::IDLE, "no answer to pings");
                             } else {
@@ -251,12 +426,16 @@ impl Connection {
                             }
                         }
                         if matches!(flow, Flow::Continue) && now >= next_check {
-                            next_check = now + check_every;
+                            next_check = now.checked_add(check_every).unwrap_or(now);
                             if conn.auth.is_some() {
                                 flow = Box::pin(conn.recheck_session()).await;
                             }
                         }
                         flow
+                    },
+                    kick = conn.outbox.kicked() => {
+                        conn.send(protocol::error_code(kick.error, kick.message, None));
+                        Flow::Close(kick.code, kick.message)
                     },
                     _ = conn.state.shutdown.cancelled() => Flow::Close(close::GOING_AWAY, "server shutting down"),
                 };
@@ -279,21 +458,34 @@ impl Connection {
         }
     }
 
-    /// Leaves the rooms, releases the user's slot and waits for the writer.
-    async fn finish(mut self, writer: actix_web::rt::task::JoinHandle<()>) {
-        for room in std::mem::take(&mut self.rooms) {
+    /// Leaves the rooms and waits (bounded) for the writer to send what is queued.
+    async fn finish(mut self, writer: tokio::task::JoinHandle<()>) {
+        for (room, _) in std::mem::take(&mut self.rooms) {
             self.state.hub.detach(room, self.id).await;
         }
-        if let Some(auth) = &self.auth {
-            self.state.release_user(auth.user.id);
-        }
+        let wait = if self.state.shutdown.is_cancelled() {
+            // Shutdown waits for connections: do not let one slow client hold it.
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
+        // Gives back the user's slot and the session index entry.
         drop(self);
         // The writer ends after the close frame, or when the socket is gone.
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        let _ = tokio::time::timeout(wait, writer).await;
     }
 
     fn send(&self, frame: ByteString) {
         self.outbox.push(&frame);
+    }
+
+    /// Forgets subscriptions the server ended (their frames are already queued).
+    fn forget_ended(&mut self) {
+        for (room, id) in self.outbox.take_ended() {
+            if self.rooms.get(&room) == Some(&id) {
+                self.rooms.remove(&room);
+            }
+        }
     }
 
     async fn on_message(&mut self, message: AggregatedMessage) -> Flow {
@@ -345,12 +537,13 @@ impl Connection {
                 ));
                 Flow::Continue
             }
-            ClientMessage::Subscribe { room, since } => {
-                self.subscribe(room, since).await;
+            ClientMessage::Subscribe { room, since, epoch } => {
+                self.subscribe(room, since, epoch).await;
                 Flow::Continue
             }
             ClientMessage::Unsubscribe { room } => {
-                if self.rooms.remove(&room) {
+                self.forget_ended();
+                if self.rooms.remove(&room).is_some() {
                     self.state.hub.detach(room, self.id).await;
                 }
                 self.send(protocol::ack(
@@ -365,8 +558,8 @@ impl Connection {
 
     async fn authenticate(&mut self, cookie: &str) -> Flow {
         match self.state.sessions.load(cookie).await {
-            Ok((_, session)) => {
-                if !self.state.admit_user(session.user.id) {
+            Ok((session_id, session)) => {
+                let Some(slot) = self.state.admit_user(session.user.id) else {
                     self.state.metrics.rejected_connections.inc();
                     self.send(protocol::error_code(
                         "connection_limit",
@@ -374,7 +567,7 @@ impl Connection {
                         None,
                     ));
                     return Flow::Close(close::CONNECTION_LIMIT, "connection limit exceeded");
-                }
+                };
                 self.send(protocol::ack(
                     "auth.ok",
                     None,
@@ -383,10 +576,13 @@ impl Connection {
                         session_expires_at: session.expires_at,
                     },
                 ));
+                let registered = self.state.register_session(session_id, &self.outbox);
                 self.auth = Some(Authenticated {
                     user: session.user,
                     cookie: cookie.to_owned(),
                     expires_at: session.expires_at,
+                    _slot: slot,
+                    _session: registered,
                 });
                 Flow::Continue
             }
@@ -394,16 +590,23 @@ impl Connection {
                 self.state.metrics.auth_failures.inc();
                 let (code, message) = match e {
                     SessionError::Expired => ("session_expired", "session expired"),
-                    SessionError::Store(_) => ("unavailable", "session store unavailable"),
+                    SessionError::Store(_) | SessionError::Conflict => {
+                        ("unavailable", "session store unavailable")
+                    }
                     SessionError::BadCookie | SessionError::NotFound => {
                         ("invalid_token", "invalid token")
                     }
                 };
                 self.send(protocol::error_code(code, message, None));
-                if matches!(e, SessionError::Expired) {
-                    Flow::Close(close::SESSION_EXPIRED, "session expired")
-                } else {
-                    Flow::Close(close::UNAUTHENTICATED, "authentication failed")
+                match e {
+                    SessionError::Expired => Flow::Close(close::SESSION_EXPIRED, "session expired"),
+                    // Not the player's fault: they should come back, not log in again.
+                    SessionError::Store(_) | SessionError::Conflict => {
+                        Flow::Close(close::TRY_AGAIN_LATER, "session store unavailable")
+                    }
+                    SessionError::BadCookie | SessionError::NotFound => {
+                        Flow::Close(close::UNAUTHENTICATED, "authentication failed")
+                    }
                 }
             }
         }
@@ -436,11 +639,13 @@ impl Connection {
         }
     }
 
-    async fn subscribe(&mut self, room: RoomId, since: Option<u64>) {
+    async fn subscribe(&mut self, room: RoomId, since: Option<u64>, epoch: Option<Epoch>) {
         let Some(user) = self.auth.as_ref().map(|a| a.user.id) else {
             return;
         };
-        if !self.rooms.contains(&room) && self.rooms.len() >= self.state.settings.max_subscriptions
+        self.forget_ended();
+        if !self.rooms.contains_key(&room)
+            && self.rooms.len() >= self.state.settings.max_subscriptions
         {
             self.send(protocol::error_code(
                 "subscription_limit",
@@ -449,8 +654,8 @@ impl Connection {
             ));
             return;
         }
-        let view = match self.state.hub.room_view(room).await {
-            Ok(Some(view)) => view,
+        let snapshot = match self.state.hub.room_view(room).await {
+            Ok(Some(snapshot)) => snapshot,
             Ok(None) => {
                 self.send(protocol::error(
                     ErrorCode::RoomNotFound,
@@ -464,7 +669,9 @@ impl Connection {
                 return;
             }
         };
-        let allowed = view.owner.id == user || view.members.iter().any(|m| m.user.id == user);
+        let view = &snapshot.view;
+        let owner = view.owner.id == user;
+        let allowed = owner || view.members.iter().any(|m| m.user.id == user);
         if !allowed {
             self.send(protocol::error(
                 ErrorCode::NotMember,
@@ -473,21 +680,27 @@ impl Connection {
             ));
             return;
         }
-        if self.rooms.contains(&room) {
-            // Re-subscribing (e.g. with a new `since`): start over.
-            self.state.hub.detach(room, self.id).await;
-        }
-        match self
-            .state
-            .hub
-            .attach(self.id, self.outbox.clone(), view, since)
-            .await
-        {
-            Ok(()) => {
-                self.rooms.insert(room);
+        let id = self.next_sub;
+        self.next_sub = self.next_sub.wrapping_add(1);
+        // A re-subscribe (e.g. with a new `since`) replaces the subscription in the pump.
+        self.rooms.insert(room, id);
+        let sub = Subscription {
+            conn: self.id,
+            id,
+            outbox: self.outbox.clone(),
+            user,
+            owner,
+        };
+        let since = since.map(|seq| Since { seq, epoch });
+        match self.state.hub.attach(sub, snapshot, since).await {
+            Ok(Attached::Live) => {}
+            Ok(Attached::Ended) => {
+                self.forget_ended();
             }
             Err(e) => {
-                self.rooms.remove(&room);
+                if self.rooms.get(&room) == Some(&id) {
+                    self.rooms.remove(&room);
+                }
                 self.send(protocol::error(e.code, &e.message, Some(room)));
             }
         }
@@ -582,5 +795,24 @@ fn write_loop(
             )
             .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_frames_get_the_close_code_rfc_6455_names() {
+        let invalid = ProtocolError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "invalid utf-8 sequence",
+        ));
+        assert_eq!(protocol_close(&invalid).0, 1007);
+        assert_eq!(protocol_close(&ProtocolError::Overflow).0, 1009);
+        let continuation =
+            ProtocolError::Io(std::io::Error::other("Exceeded maximum continuation size"));
+        assert_eq!(protocol_close(&continuation).0, 1009);
+        assert_eq!(protocol_close(&ProtocolError::UnmaskedFrame).0, 1002);
     }
 }

@@ -22,8 +22,9 @@ use crate::settings::NatsSettings;
 pub enum ConnectionEvent {
     Connected,
     Disconnected,
-    /// A subscription overflowed its buffer: messages were dropped.
-    SlowConsumer,
+    /// The subscription with this id (async-nats' `sid`) overflowed its buffer: messages were
+    /// dropped from it.
+    SlowConsumer(u64),
 }
 
 /// Connection metrics, registered under `nats_*`, and a broadcast of connection events.
@@ -111,7 +112,7 @@ fn on_event(metrics: &NatsMetrics, event: async_nats::Event) {
             "lame_duck"
         }
         async_nats::Event::SlowConsumer(sid) => {
-            let _ = metrics.notifier.send(ConnectionEvent::SlowConsumer);
+            let _ = metrics.notifier.send(ConnectionEvent::SlowConsumer(*sid));
             tracing::warn!(
                 event = "slow_consumer",
                 sid,

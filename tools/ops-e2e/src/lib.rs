@@ -323,6 +323,7 @@ pub async fn sign_in(
             scope: "identify guilds.join".into(),
             created_at: now,
             expires_at: in_a_day,
+            refreshing_until: None,
         })
         .await
         .expect("storing a session")
@@ -343,6 +344,10 @@ impl Player {
         request
             .headers_mut()
             .insert("Cookie", format!("vr_session={cookie}").parse()?);
+        // The edge refuses sockets from other origins; a page of its own would send this.
+        request
+            .headers_mut()
+            .insert("Origin", format!("http://127.0.0.1:{port}").parse()?);
         let (socket, _) = tokio::time::timeout(
             Duration::from_secs(5),
             tokio_tungstenite::connect_async(request),
@@ -357,12 +362,22 @@ impl Player {
         Ok(player)
     }
 
-    /// Subscribes to `room` (from `since`, if given); returns the `ack`/`error` frame.
-    pub async fn subscribe(&mut self, room: u64, since: Option<u64>) -> anyhow::Result<Value> {
-        let payload = match since {
-            Some(since) => json!({"room": room.to_string(), "since": since}),
-            None => json!({"room": room.to_string()}),
-        };
+    /// Subscribes to `room` (from `since` in stream `epoch`, as an earlier `subscribed` ack
+    /// named it); returns the `ack`/`error` frame.
+    pub async fn subscribe(
+        &mut self,
+        room: u64,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let mut payload = serde_json::Map::new();
+        payload.insert("room".into(), json!(room.to_string()));
+        if let Some(since) = since {
+            payload.insert("since".into(), json!(since));
+        }
+        if let Some(epoch) = epoch {
+            payload.insert("epoch".into(), json!(epoch));
+        }
         self.socket
             .send(Message::Text(
                 json!({"v":1,"type":"subscribe","payload":payload}).to_string(),

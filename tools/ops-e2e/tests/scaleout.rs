@@ -91,6 +91,7 @@ fn watch(room: u64, cookie: String, ports: Vec<u16>, first: usize, seen: Arc<Mut
     tokio::spawn(async move {
         let mut index = first;
         let mut since: Option<u64> = None;
+        let mut epoch: Option<String> = None;
         let mut lost_at: Option<Instant> = None;
         loop {
             let port = ports[index % ports.len()];
@@ -102,8 +103,9 @@ fn watch(room: u64, cookie: String, ports: Vec<u16>, first: usize, seen: Arc<Mut
                     continue;
                 }
             };
-            match player.subscribe(room, since).await {
+            match player.subscribe(room, since, epoch.as_deref()).await {
                 Ok(ack) if ack["event"] == "subscribed" => {
+                    epoch = ack["payload"]["epoch"].as_str().map(str::to_owned);
                     let mut s = seen.lock().unwrap();
                     s.subscribed = true;
                     let recovered = ack["payload"]["recovered"].as_bool().unwrap_or(false);

@@ -88,7 +88,7 @@ async fn a_voice_event_and_a_room_call_carry_one_trace_across_nats_into_the_edge
 
     // A player watches the room.
     let mut watcher = Player::connect(port, &cookie).await.expect("player");
-    let ack = watcher.subscribe(ROOM, None).await.unwrap();
+    let ack = watcher.subscribe(ROOM, None, None).await.unwrap();
     assert_eq!(ack["event"], "subscribed", "{ack}");
 
     // "gateway-listener" publishes a voice event inside its span.
@@ -344,7 +344,7 @@ async fn a_room_call_and_a_discord_voice_event_are_traced_through_every_service(
 
     // 2. alice watches her room and joins its voice channel in "Discord".
     let mut watcher = Player::connect(edge_port, &cookie).await.expect("player");
-    let ack = watcher.subscribe(room_id, None).await.unwrap();
+    let ack = watcher.subscribe(room_id, None, None).await.unwrap();
     assert_eq!(ack["event"], "subscribed", "{ack}");
     sim.connect_voice(alice_id, room_id)
         .expect("alice joins the room's voice channel");

@@ -4,6 +4,7 @@
 
 #[path = "../ws/helpers.rs"]
 mod helpers;
+mod refresh;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -63,7 +64,24 @@ async fn stack() -> Stack {
     let sim = Simulator::start(SimConfig::for_tests()).await.unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut s = settings(&nats);
+    let edge = TestEdge::start(edge_settings(&nats, &sim, port)).await;
+    let http = reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap();
+    Stack {
+        nats,
+        sim,
+        edge,
+        base,
+        http,
+    }
+}
+
+/// An edge on `port` using the simulator's OAuth2 (every edge of a test shares the session key).
+fn edge_settings(nats: &NatsServer, sim: &SimHandle, port: u16) -> edge::Settings {
+    let base = format!("http://127.0.0.1:{port}");
+    let mut s = settings(nats);
     s.common.http.port = port;
     s.service.oauth.client_id = sim.config().oauth.client_id.clone();
     s.service.oauth.client_secret = Some(voicerooms_platform::Secret::new(
@@ -76,18 +94,7 @@ async fn stack() -> Stack {
     s.service.oauth.redirect_url = format!("{base}/auth/callback");
     s.service.edge.default_guild = Some(voicerooms_contract::GuildId::new(seed::GUILD_ID).unwrap());
     s.service.edge.request_timeout_ms = 1000;
-    let edge = TestEdge::start(s).await;
-    let http = reqwest::Client::builder()
-        .redirect(Policy::none())
-        .build()
-        .unwrap();
-    Stack {
-        nats,
-        sim,
-        edge,
-        base,
-        http,
-    }
+    s
 }
 
 fn cookie_value(response: &reqwest::Response, name: &str) -> Option<String> {

@@ -96,6 +96,7 @@ impl TestEdge {
                 scope: "identify guilds.join".into(),
                 created_at: now,
                 expires_at: now + ttl_ms,
+                refreshing_until: None,
             })
             .await
             .unwrap()
@@ -158,6 +159,77 @@ impl World {
         view
     }
 
+    /// Publishes `event` in `room`; returns its stream sequence.
+    pub async fn publish(&self, room: u64, event: Event) -> u64 {
+        let event = RoomEvent::new(
+            GuildId::new(GUILD).unwrap(),
+            RoomId::new(room).unwrap(),
+            voicerooms_contract::now_ms(),
+            event,
+        );
+        self.js
+            .publish(event.subject(), event.encode().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence
+    }
+
+    /// Publishes `n` voice events in `room` quickly (acks awaited in batches); the last sequence.
+    pub async fn voice_burst(&self, room: u64, who: &UserRef, n: usize) -> u64 {
+        let mut last = 0;
+        let mut acks = Vec::new();
+        for i in 0..n {
+            let event = RoomEvent::new(
+                GuildId::new(GUILD).unwrap(),
+                RoomId::new(room).unwrap(),
+                voicerooms_contract::now_ms(),
+                if i % 2 == 0 {
+                    Event::VoiceJoined(VoiceJoined {
+                        user: who.clone(),
+                        flags: VoiceFlags::default(),
+                        moved_from: None,
+                    })
+                } else {
+                    Event::VoiceLeft(VoiceLeft {
+                        user: who.clone(),
+                        moved_to: None,
+                    })
+                },
+            );
+            acks.push(
+                self.js
+                    .publish(event.subject(), event.encode().into())
+                    .await
+                    .unwrap(),
+            );
+            if acks.len() >= 500 || i + 1 == n {
+                for ack in acks.drain(..) {
+                    last = last.max(ack.await.unwrap().sequence);
+                }
+            }
+        }
+        last
+    }
+
+    /// Consumers the `ROOMS` stream has now (catch-ups read through short-lived ones).
+    pub async fn consumer_count(&self) -> usize {
+        let mut stream = self.js.get_stream("ROOMS").await.unwrap();
+        stream.info().await.unwrap().state.consumer_count
+    }
+
+    /// Deletes the `ROOMS` stream and creates it again (sequences restart: a new epoch).
+    pub async fn recreate_stream(&self) {
+        self.js.delete_stream("ROOMS").await.unwrap();
+        ensure_rooms_stream(
+            &self.js,
+            &voicerooms_platform::settings::NatsSettings::default(),
+        )
+        .await
+        .unwrap();
+    }
+
     /// Publishes a voice join/leave of `who` in `room`; returns its stream sequence.
     pub async fn voice(&self, room: u64, who: &UserRef, joined: bool) -> u64 {
         let event = if joined {
@@ -196,15 +268,33 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects as a page served by the edge would: `Origin` is the edge's own origin.
     pub async fn connect(url: &str, cookie: Option<&str>) -> Client {
+        let origin = own_origin(url);
+        Client::connect_from(url, cookie, Some(&origin))
+            .await
+            .unwrap_or_else(|e| panic!("handshake refused: {e}"))
+    }
+
+    /// Connects with the given `Origin` (none: no header); the handshake error if refused.
+    pub async fn connect_from(
+        url: &str,
+        cookie: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let mut request = url.into_client_request().unwrap();
         if let Some(cookie) = cookie {
             request
                 .headers_mut()
                 .insert("Cookie", format!("vr_session={cookie}").parse().unwrap());
         }
-        let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        Client { socket }
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("Origin", origin.parse().unwrap());
+        }
+        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client { socket })
     }
 
     /// Like [`Client::authed`] over a socket with a small receive buffer, so that a client that
@@ -219,6 +309,10 @@ impl Client {
         request
             .headers_mut()
             .insert("Cookie", format!("vr_session={cookie}").parse().unwrap());
+        request.headers_mut().insert(
+            "Origin",
+            format!("http://127.0.0.1:{port}").parse().unwrap(),
+        );
         let (socket, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
             .await
             .unwrap();
@@ -251,9 +345,22 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, room: u64, since: Option<u64>) -> Value {
+        self.subscribe_at(room, since, None).await
+    }
+
+    /// Subscribes from `since` in stream `epoch` (as a `subscribed` ack gave it).
+    pub async fn subscribe_at(
+        &mut self,
+        room: u64,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Value {
         let mut payload = json!({"room": room.to_string()});
         if let Some(since) = since {
             payload["since"] = json!(since);
+        }
+        if let Some(epoch) = epoch {
+            payload["epoch"] = json!(epoch);
         }
         self.send(json!({"v":1,"type":"subscribe","payload":payload}))
             .await;
@@ -288,6 +395,21 @@ impl Client {
         out
     }
 
+    /// The next message of any kind (None: the socket ended).
+    pub async fn closed_or_frame(&mut self) -> Option<Message> {
+        self.socket.next().await.and_then(|m| m.ok())
+    }
+
+    /// Vanishes without a close handshake: the TCP connection is reset.
+    pub fn reset(self) {
+        if let MaybeTlsStream::Plain(tcp) = self.socket.get_ref() {
+            // Deprecated because a non-zero linger blocks on drop; zero resets at once.
+            #[allow(deprecated)]
+            tcp.set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(self);
+    }
+
     /// Reads until the server closes; returns the close code.
     pub async fn closed_with(&mut self, within: Duration) -> Option<CloseCode> {
         let deadline = tokio::time::Instant::now() + within;
@@ -301,6 +423,13 @@ impl Client {
             }
         }
     }
+}
+
+/// `ws://host:port/...` → `http://host:port`, the origin of a page served by that edge.
+pub fn own_origin(ws_url: &str) -> String {
+    let rest = ws_url.strip_prefix("ws://").unwrap_or(ws_url);
+    let host = rest.split('/').next().unwrap_or(rest);
+    format!("http://{host}")
 }
 
 /// Sequences of event frames.

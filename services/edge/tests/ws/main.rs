@@ -1,6 +1,9 @@
 //! The edge's WebSocket against a real nats-server: fan-out, order, recovery, backpressure, auth.
 
+mod fanout;
 mod helpers;
+mod security;
+mod storm;
 
 use std::time::Duration;
 
@@ -91,7 +94,8 @@ async fn resubscribing_with_since_replays_exactly_the_missed_events() {
     let cookie = edge.login(&alice, 60_000).await;
 
     let mut client = Client::authed(&edge.ws_url(), &cookie).await;
-    client.subscribe(12, None).await;
+    let ack = client.subscribe(12, None).await;
+    let epoch = ack["payload"]["epoch"].as_str().unwrap().to_owned();
     let first = world.voice(12, &alice, true).await;
     assert_eq!(seqs(&client.events(1).await), vec![first]);
     drop(client);
@@ -103,7 +107,7 @@ async fn resubscribing_with_since_replays_exactly_the_missed_events() {
         world.voice(98, &alice, true).await;
     }
     let mut client = Client::authed(&edge.ws_url(), &cookie).await;
-    let ack = client.subscribe(12, Some(first)).await;
+    let ack = client.subscribe_at(12, Some(first), Some(&epoch)).await;
     assert_eq!(ack["payload"]["recovered"], true, "{ack}");
     assert_eq!(ack["payload"]["replayed"], 3);
     assert!(ack["payload"].get("snapshot").is_none());
@@ -307,7 +311,7 @@ async fn a_client_that_stops_reading_is_closed_with_1008_and_others_keep_receivi
 }
 
 /// The value of an unlabelled series on `/metrics`.
-async fn metric(url: &str, name: &str) -> f64 {
+pub(crate) async fn metric(url: &str, name: &str) -> f64 {
     let text = reqwest::get(url).await.unwrap().text().await.unwrap();
     text.lines()
         .find_map(|line| {
@@ -450,8 +454,15 @@ async fn clients_on_two_edges_see_identical_streams_and_survive_an_edge_restart(
     let cookie = edge_a.login(&alice, 60_000).await;
     let mut on_a = Client::authed(&edge_a.ws_url(), &cookie).await;
     let mut on_b = Client::authed(&edge_b.ws_url(), &cookie).await;
-    on_a.subscribe(18, None).await;
-    on_b.subscribe(18, None).await;
+    let epoch = on_a.subscribe(18, None).await["payload"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        on_b.subscribe(18, None).await["payload"]["epoch"],
+        epoch.as_str(),
+        "both edges name the same stream"
+    );
     let mut sent = Vec::new();
     for i in 0..6 {
         sent.push(world.voice(18, &alice, i % 2 == 0).await);
@@ -465,7 +476,9 @@ async fn clients_on_two_edges_see_identical_streams_and_survive_an_edge_restart(
     edge_a.stop().await;
     let missed = world.voice(18, &alice, true).await;
     let mut moved = Client::authed(&edge_b.ws_url(), &cookie).await;
-    let ack = moved.subscribe(18, Some(*sent.last().unwrap())).await;
+    let ack = moved
+        .subscribe_at(18, Some(*sent.last().unwrap()), Some(&epoch))
+        .await;
     assert_eq!(ack["payload"]["recovered"], true);
     assert_eq!(seqs(&moved.events(1).await), vec![missed]);
     assert_eq!(seqs(&on_b.events(1).await), vec![missed]);
