@@ -111,8 +111,10 @@ function ev(seq, event, payload) {
   return { type: 'event', event, room: ROOM, guild: '200000000000000001', seq, payload, received_at: 1 };
 }
 
-function subscribedFresh(seq, v) {
-  return { type: 'ack', event: 'subscribed', room: ROOM, payload: { recovered: false, snapshot: v, seq, replayed: 0 } };
+const EPOCH = '1764099000123456789';
+
+function subscribedFresh(seq, v, epoch = EPOCH) {
+  return { type: 'ack', event: 'subscribed', room: ROOM, payload: { recovered: false, snapshot: v, seq, epoch, replayed: 0 } };
 }
 
 function setup(extra = {}) {
@@ -142,6 +144,7 @@ function goLive(t, snapshot, { since } = {}) {
   assert.equal(sub.type, 'subscribe');
   assert.equal(sub.payload.room, ROOM);
   assert.equal(sub.payload.since, since);
+  assert.equal(sub.payload.epoch, since === undefined ? undefined : EPOCH);
   ws.frame(subscribedFresh(snapshot.seq, snapshot));
   assert.equal(t.client.state, STATE.LIVE);
   return ws;
@@ -293,8 +296,8 @@ test('after a reconnect it resubscribes from the last applied sequence and keeps
   const ws2 = t.sockets[1];
   ws2.open();
   ws2.authOk();
-  assert.deepEqual(ws2.sent.at(-1), { v: 1, type: 'subscribe', payload: { room: ROOM, since: 17 } });
-  ws2.frame({ type: 'ack', event: 'subscribed', room: ROOM, payload: { recovered: true, seq: 17, replayed: 2 } });
+  assert.deepEqual(ws2.sent.at(-1), { v: 1, type: 'subscribe', payload: { room: ROOM, since: 17, epoch: EPOCH } });
+  ws2.frame({ type: 'ack', event: 'subscribed', room: ROOM, payload: { recovered: true, seq: 17, epoch: EPOCH, replayed: 2 } });
   // The replay: one event the client had already seen (harmless), one it missed.
   ws2.frame(ev(17, 'voice.joined', { user: alice, flags: {} }));
   ws2.frame(ev(21, 'voice.left', { user: bob }));
@@ -314,6 +317,7 @@ test('recovered:false replaces the state with the fresh snapshot', () => {
   ws2.open();
   ws2.authOk();
   assert.equal(ws2.sent.at(-1).payload.since, 10);
+  assert.equal(ws2.sent.at(-1).payload.epoch, EPOCH);
   // Too far behind: a snapshot at 500 where bob has left the room and carol came in directly.
   const fresh = view(500, { members: [alice], voice: [carol] });
   ws2.frame(subscribedFresh(500, fresh));
@@ -329,7 +333,98 @@ test('an error resubscribe makes the client subscribe again from its sequence', 
   const ws = goLive(t, view(10));
   ws.frame(ev(12, 'voice.joined', { user: bob, flags: {} }));
   ws.frame({ type: 'error', room: ROOM, error: { code: 'resubscribe', message: 'gap' } });
-  assert.deepEqual(ws.sent.at(-1), { v: 1, type: 'subscribe', payload: { room: ROOM, since: 12 } });
+  assert.deepEqual(ws.sent.at(-1), { v: 1, type: 'subscribe', payload: { room: ROOM, since: 12, epoch: EPOCH } });
+});
+
+test('it keeps the stream epoch and recovers when the server\'s stream was recreated', () => {
+  const t = setup();
+  t.client.start();
+  const ws = goLive(t, view(40, { members: [alice, bob], voice: [alice] }));
+  ws.frame(ev(41, 'voice.joined', { user: bob, flags: {} }));
+  assert.deepEqual(t.client.position, { seq: 41, epoch: EPOCH });
+  // The stream was deleted and created again: sequences restart under a new epoch.
+  ws.frame({ type: 'error', room: ROOM, error: { code: 'resubscribe', message: 'stream recreated' } });
+  assert.deepEqual(ws.sent.at(-1).payload, { room: ROOM, since: 41, epoch: EPOCH });
+  const next = '1764199000000000001';
+  ws.frame(subscribedFresh(0, view(40, { members: [alice, bob], voice: [alice, bob] }), next));
+  assert.equal(t.client.epoch, next);
+  assert.equal(t.client.lastSeq, 0, 'the new stream\'s position, below the old one');
+  // Events of the new stream apply although their sequences are below the old epoch's.
+  ws.frame(ev(1, 'voice.left', { user: alice }));
+  ws.frame(ev(2, 'voice.joined', { user: carol, flags: {} }));
+  assert.deepEqual(names(t.client.model), ['alice', 'bob*', 'carol*']);
+  assert.deepEqual(t.client.position, { seq: 2, epoch: next });
+  // And after a reconnect it resumes in the new epoch.
+  ws.serverClose(1006);
+  t.clock.advance(1000);
+  const ws2 = t.sockets.at(-1);
+  ws2.open();
+  ws2.authOk();
+  assert.deepEqual(ws2.sent.at(-1).payload, { room: ROOM, since: 2, epoch: next });
+});
+
+test('without an epoch from the server it subscribes without since (a snapshot each time)', () => {
+  const t = setup();
+  t.client.start();
+  const ws = t.sockets[0];
+  ws.open();
+  ws.authOk();
+  ws.frame({ type: 'ack', event: 'subscribed', room: ROOM, payload: { recovered: false, snapshot: view(5), seq: 5, replayed: 0 } });
+  ws.serverClose(1001);
+  t.clock.advance(1000);
+  t.sockets[1].open();
+  t.sockets[1].authOk();
+  assert.deepEqual(t.sockets[1].sent.at(-1).payload, { room: ROOM });
+});
+
+test('the server ending the subscription: removed → failed, deleted → closed, session ended → log in', () => {
+  for (const [code, state] of [['not_member', STATE.FAILED], ['room_deleted', STATE.CLOSED]]) {
+    const t = setup();
+    t.client.start();
+    const ws = goLive(t, view(3));
+    ws.frame({ type: 'error', room: ROOM, error: { code, message: 'ended' } });
+    assert.equal(t.client.state, state, code);
+    assert.equal(t.errors.at(-1).code, code);
+    t.clock.advance(60000);
+    assert.equal(t.sockets.length, 1, `${code}: no reconnect`);
+  }
+  const t = setup();
+  t.client.start();
+  const ws = goLive(t, view(3));
+  ws.frame({ type: 'error', error: { code: 'session_ended', message: 'logged out' } });
+  ws.serverClose(4003, 'logged out');
+  assert.equal(t.client.state, STATE.LOGIN_REQUIRED);
+  assert.equal(t.errors.find((e) => e.code === 'session_ended').loginUrl, `/auth/login?return_to=${encodeURIComponent(`/?room=${ROOM}`)}`);
+  t.clock.advance(60000);
+  assert.equal(t.sockets.length, 1, 'no reconnect');
+});
+
+test('a subscribe the server cannot serve now is tried again with backoff', () => {
+  const t = setup();
+  t.client.start();
+  const ws = t.sockets[0];
+  ws.open();
+  ws.authOk();
+  ws.frame({ type: 'error', room: ROOM, error: { code: 'unavailable', message: 'reading the stream' } });
+  assert.equal(t.client.state, STATE.RECONNECTING);
+  assert.equal(ws.closedWith.code, 1000);
+  t.clock.advance(1000);
+  goLive(t, view(4));
+});
+
+test('1002 and 1007 (frames the server refused) are terminal; 1013 is retried', () => {
+  for (const [code, error] of [[1002, 'protocol_error'], [1007, 'invalid_data'], [1009, 'frame_too_big']]) {
+    const t = setup();
+    t.client.start();
+    goLive(t, view(1)).serverClose(code);
+    assert.equal(t.client.state, STATE.FAILED, `${code}`);
+    assert.equal(t.errors.at(-1).code, error);
+  }
+  const t = setup();
+  t.client.start();
+  goLive(t, view(1)).serverClose(1013);
+  assert.equal(t.client.state, STATE.RECONNECTING);
+  assert.equal(t.errors.at(-1).code, 'server_busy');
 });
 
 test('close 4003 asks the player to log in again, with the login URL, and does not retry', () => {

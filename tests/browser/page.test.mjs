@@ -272,3 +272,28 @@ test('the closing banner counts down, and deletion returns everyone to the start
   }
   await shot(b, '12-deleted-back-to-start');
 });
+
+test('after the ROOMS stream is deleted and created again, the page follows the new stream', async () => {
+  const a = players.alice.page;
+  await a.getByLabel('Room name').fill('Second wind');
+  await a.getByRole('button', { name: 'Create room' }).click();
+  await a.waitForURL(/\/rooms\/\d+$/);
+  const room = a.url().split('/').pop();
+  await a.getByRole('heading', { level: 1, name: 'Second wind' }).waitFor();
+  await a.locator('#conn[data-state=live]').waitFor();
+  // An operator deletes the stream and creates it again: its sequences start over. The edge
+  // notices the new epoch and the client, which kept its (epoch, seq), gets a snapshot of the new
+  // stream instead of waiting for sequences above its old one.
+  const jsm = await stack.nc.jetstreamManager();
+  const { config } = await jsm.streams.info('ROOMS');
+  await jsm.streams.delete('ROOMS');
+  await jsm.streams.add(config);
+  // Events stored in the new stream reach the page.
+  await stack.voiceConnect(USERS.carol, LOBBY);
+  await stack.simPost('/_sim/voice/move', { user_id: USERS.carol, channel_id: room });
+  await voiceItem(a, USERS.carol).waitFor();
+  await stack.voiceDisconnect(USERS.carol);
+  await voiceItem(a, USERS.carol).waitFor({ state: 'detached' });
+  await a.locator('#conn[data-state=live]').waitFor();
+  await shot(a, '13-after-stream-recreated');
+});

@@ -469,11 +469,16 @@ function roomPage(roomId) {
   client.on('error', (err) => {
     if (client.state === STATE.LOGIN_REQUIRED || err.loginUrl) {
       notice.replaceChildren(h('div', { class: 'panel bad', role: 'alert' },
-        h('p', {}, err.code === 'session_expired' ? 'Your session expired.' : 'You are signed out.'),
+        h('p', {}, { session_expired: 'Your session expired.', session_ended: 'You were signed out (logged out elsewhere).' }[err.code] || 'You are signed out.'),
         h('a', { class: 'button primary', href: err.loginUrl || loginUrl(here()) }, 'Log in again')));
-    } else if (err.code === 'not_member' || err.code === 'room_not_found') {
+    } else if (['not_member', 'room_not_found', 'room_deleted'].includes(err.code)) {
+      const text = {
+        not_member: 'You are not a member of this room (any more). Open its invite link to join.',
+        room_not_found: 'This room does not exist (any more).',
+        room_deleted: 'This room was closed.',
+      }[err.code];
       notice.replaceChildren(h('div', { class: 'panel bad', role: 'alert', 'data-testid': 'room-problem', 'data-code': err.code },
-        h('p', {}, err.code === 'not_member' ? 'You are not a member of this room. Open its invite link to join.' : 'This room does not exist (any more).'),
+        h('p', {}, text),
         h('a', { class: 'button primary', href: '/' }, 'Back to the start page')));
     }
   });

@@ -6,8 +6,9 @@
 //
 // Layout:
 //   RoomModel          a room's member list: snapshot + events, applied idempotently by `seq`
-//   VoiceroomsClient   one room's live connection: auth, subscribe with `since`, reconnect
-//                      with backoff 1, 2, 4, 8, 16 s then every 16 s, resubscribe from `seq`
+//   VoiceroomsClient   one room's live connection: auth, subscribe with `since` and `epoch`,
+//                      reconnect with backoff 1, 2, 4, 8, 16 s then every 16 s, resubscribe
+//                      from the last applied position
 //   VoiceroomsError    typed errors: a stable `code`, the WebSocket `closeCode`, a `loginUrl`
 //   ApiClient          the room HTTP API (fetch), errors as VoiceroomsError
 
@@ -18,9 +19,12 @@ export const BACKOFF_MS = Object.freeze([1000, 2000, 4000, 8000, 16000]);
 export const CLOSE = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001,
+  PROTOCOL_ERROR: 1002,
   ABNORMAL: 1006,
+  INVALID_DATA: 1007,
   SLOW_CONSUMER: 1008,
   TOO_BIG: 1009,
+  TRY_AGAIN_LATER: 1013,
   UNAUTHENTICATED: 4001,
   SESSION_EXPIRED: 4003,
   CONNECTION_LIMIT: 4008,
@@ -36,7 +40,7 @@ export const STATE = Object.freeze({
   LIVE: 'live',
   RECONNECTING: 'reconnecting',
   LOGIN_REQUIRED: 'login_required', // 4001/4003: the session is gone; see error.loginUrl
-  FAILED: 'failed', // not_member, room_not_found, 1009: retrying would not help
+  FAILED: 'failed', // not_member, room_not_found, 1002/1007/1009: retrying would not help
   CLOSED: 'closed', // the room was deleted, or stop() was called
 });
 
@@ -261,6 +265,7 @@ export class VoiceroomsClient {
     this.lastError = null;
     this.user = null; // from ack auth.ok
     this.hasState = false; // whether the model holds a snapshot to resume from
+    this.epoch = null; // the stream the model's sequence belongs to (from ack subscribed)
     this.lastClose = null; // {code, reason} of the last close
     this.#handlers = new Map();
   }
@@ -274,6 +279,11 @@ export class VoiceroomsClient {
   /** The last applied sequence (what the next subscribe sends as `since`). */
   get lastSeq() {
     return this.model.seq;
+  }
+
+  /** The position the next subscribe resumes from: `{seq, epoch}`, or null before a snapshot. */
+  get position() {
+    return this.hasState && this.epoch !== null ? { seq: this.model.seq, epoch: this.epoch } : null;
   }
 
   /** Subscribes to 'state', 'room', 'event', 'error', 'auth'. Returns an unsubscribe function. */
@@ -384,7 +394,13 @@ export class VoiceroomsClient {
 
   #subscribe() {
     const payload = { room: this.room };
-    if (this.hasState) payload.since = this.model.seq;
+    // A sequence means something only with the stream it came from: without a known epoch the
+    // server would answer with a snapshot anyway.
+    const position = this.position;
+    if (position) {
+      payload.since = position.seq;
+      payload.epoch = position.epoch;
+    }
     this.#setState(STATE.SUBSCRIBING);
     this.#send({ v: 1, type: 'subscribe', payload });
   }
@@ -404,6 +420,8 @@ export class VoiceroomsClient {
             this.model.applySnapshot(p.snapshot);
             this.model.seq = p.seq; // the snapshot is as of `seq`
           }
+          // Sequences restart when the server's stream is recreated; the epoch tells them apart.
+          this.epoch = typeof p.epoch === 'string' ? p.epoch : null;
           this.hasState = true;
           this.attempt = 0;
           this.lastError = null;
@@ -439,16 +457,44 @@ export class VoiceroomsClient {
           this.#fail(err);
           this.#terminal(STATE.FAILED, 'room unavailable');
           return;
+        case 'room_deleted':
+          this.#fail(err);
+          this.#terminal(STATE.CLOSED, 'room deleted');
+          return;
         case 'session_expired':
+        case 'session_ended':
         case 'invalid_token':
         case 'auth_timeout':
           err.loginUrl = loginUrl(this.returnTo);
           this.#fail(err); // the close (4001/4003) that follows sets the state
           return;
+        case 'unavailable':
+        case 'timeout':
+        case 'internal':
+          this.#fail(err);
+          // A subscribe the server could not serve now: try again on a new connection, with
+          // backoff.
+          if (this.state === STATE.SUBSCRIBING && frame.room !== undefined) this.#retryLater('subscribe failed');
+          return;
         default:
           this.#fail(err);
       }
     }
+  }
+
+  #retryLater(reason) {
+    this.#clearTimers();
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+      try {
+        ws.close(CLOSE.NORMAL, reason);
+      } catch (_) {
+        /* already closed */
+      }
+    }
+    this.#scheduleReconnect();
   }
 
   #terminal(state, reason) {
@@ -478,13 +524,19 @@ export class VoiceroomsClient {
       this.#setState(STATE.LOGIN_REQUIRED);
       return;
     }
-    if (code === CLOSE.TOO_BIG) {
-      this.#fail(new VoiceroomsError('frame_too_big', 'the server refused a frame as too big', { closeCode: code }));
+    const refused = {
+      [CLOSE.TOO_BIG]: ['frame_too_big', 'the server refused a frame as too big'],
+      [CLOSE.INVALID_DATA]: ['invalid_data', 'the server refused a frame that is not valid UTF-8'],
+      [CLOSE.PROTOCOL_ERROR]: ['protocol_error', 'the server refused a frame as a protocol error'],
+    }[code];
+    if (refused) {
+      this.#fail(new VoiceroomsError(refused[0], refused[1], { closeCode: code }));
       this.#setState(STATE.FAILED);
       return;
     }
     const codes = {
       [CLOSE.GOING_AWAY]: 'server_going_away',
+      [CLOSE.TRY_AGAIN_LATER]: 'server_busy',
       [CLOSE.SLOW_CONSUMER]: 'slow_consumer',
       [CLOSE.CONNECTION_LIMIT]: 'connection_limit',
       [CLOSE.IDLE]: 'idle',
