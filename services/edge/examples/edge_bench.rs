@@ -12,6 +12,17 @@
 //! Connections come from several 127.0.0.x source addresses (one source has ~28k ports) and
 //! the open-file limit is raised inside the process (and inherited by the edge).
 
+// A benchmark driver: a panic here (unwrap, expect, an index or an overflow) is a failed run.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -261,7 +261,7 @@ pub fn json_config(limit: usize) -> web::JsonConfig {
                 other => {
                     // The message may quote the body: cut it on a character boundary.
                     let mut m = other.to_string();
-                    crate::text::truncate_string(&mut m, 200);
+                    voicerooms_contract::text::truncate_string(&mut m, 200);
                     m
                 }
             };

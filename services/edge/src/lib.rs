@@ -16,7 +16,6 @@
 //! - [`http`]: typed JSON errors, the cross-site request check, safe return paths.
 //! - [`metrics`]: the Prometheus series (`voicerooms_edge_*`).
 //! - [`page`]: the players' page and the JavaScript client module (embedded static files).
-//! - [`text`]: cutting text to a byte budget on a character boundary.
 
 pub mod api;
 pub mod auth;
@@ -27,7 +26,6 @@ pub mod outbox;
 pub mod page;
 pub mod protocol;
 pub mod session;
-pub mod text;
 pub mod ws;
 
 use std::future::Future;
@@ -389,7 +387,7 @@ impl Application {
             tokens_kv,
             key,
             settings.service.session.cookie_secure,
-            settings.service.session.ttl_secs * 1000,
+            settings.service.session.ttl_secs.saturating_mul(1000),
             origins.clone(),
         )?);
         let api = web::Data::new(api::Api {

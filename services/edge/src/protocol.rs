@@ -57,7 +57,7 @@ pub enum FrameError {
 /// Identity of the `ROOMS` stream the sequences belong to (its creation time). Sequences restart
 /// when the stream is recreated, so a position is `(epoch, seq)`; on the wire the epoch is a
 /// string of digits (JavaScript numbers cannot hold every `u64`).
-pub type Epoch = u64;
+pub type Epoch = voicerooms_contract::StreamEpoch;
 
 /// A message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,19 +119,13 @@ fn payload<T: serde::de::DeserializeOwned>(p: Option<serde_json::Value>) -> Resu
 const MAX_ERROR_BYTES: usize = 200;
 
 fn truncate(mut s: String) -> String {
-    crate::text::truncate_string(&mut s, MAX_ERROR_BYTES);
+    voicerooms_contract::text::truncate_string(&mut s, MAX_ERROR_BYTES);
     s
 }
 
-/// An epoch as the client sent it back: the digits of a `u64`.
+/// An epoch as the client sent it back.
 fn parse_epoch(raw: &str) -> Result<Epoch, FrameError> {
-    if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(FrameError::Payload(
-            "epoch must be the digits the server sent".into(),
-        ));
-    }
-    raw.parse()
-        .map_err(|_| FrameError::Payload("epoch is out of range".into()))
+    Epoch::parse(raw).map_err(|e| FrameError::Payload(format!("epoch: {e}")))
 }
 
 impl ClientMessage {
@@ -168,7 +162,7 @@ impl ClientMessage {
             }
             "ping" => Ok(ClientMessage::Ping),
             other => Err(FrameError::UnknownType(
-                crate::text::truncate_str(other, 64).to_owned(),
+                voicerooms_contract::text::truncate_str(other, 64).to_owned(),
             )),
         }
     }
@@ -300,14 +294,9 @@ pub struct Subscribed<'a> {
     /// Events after this sequence follow, in order.
     pub seq: u64,
     /// The stream `seq` belongs to; send it back with `since`.
-    #[serde(serialize_with = "epoch_as_string")]
     pub epoch: Epoch,
     /// How many events are being replayed right after this ack.
     pub replayed: usize,
-}
-
-fn epoch_as_string<S: serde::Serializer>(epoch: &Epoch, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(epoch)
 }
 
 #[cfg(test)]
@@ -331,7 +320,7 @@ mod tests {
             Ok(ClientMessage::Subscribe {
                 room: RoomId::new(42).unwrap(),
                 since: Some(7),
-                epoch: Some(1_764_100_000_123_456_789),
+                epoch: Some(Epoch::from_unix_nanos(1_764_100_000_123_456_789)),
             })
         );
         assert_eq!(

@@ -3,6 +3,17 @@
 //! with its stream sequence; ten clients see the same events in the same order and derive the
 //! same member list.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 #[path = "../ws/helpers.rs"]
 mod helpers;
 

@@ -2,6 +2,17 @@
 //! Discord OAuth2 (code + PKCE), silent refresh, refresh failure, logout, the room API forwarded
 //! over NATS, cross-site refusal, and no secret in any response or log line.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 #[path = "../ws/helpers.rs"]
 mod helpers;
 mod refresh;
