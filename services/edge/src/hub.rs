@@ -1559,6 +1559,16 @@ mod tests {
         )
     }
 
+    fn subscription(id: u64, outbox: Outbox) -> Subscription {
+        Subscription {
+            conn: 1,
+            id,
+            outbox,
+            user: UserId::new(3).unwrap(),
+            owner: false,
+        }
+    }
+
     /// A pump of `room` registered in the hub with one subscriber.
     fn pump_with_subscriber(hub: &Hub, room: RoomId, sub: Subscription) -> Pump {
         let (commands, _) = mpsc::channel(4);
@@ -1598,14 +1608,7 @@ mod tests {
         let hub = offline_hub().await;
         let room = RoomId::new(7).unwrap();
         let (outbox, mut inbox) = outbox(64 * 1024, Default::default());
-        let sub = Subscription {
-            conn: 1,
-            id: 5,
-            outbox: outbox.clone(),
-            user: UserId::new(3).unwrap(),
-            owner: false,
-        };
-        let pump = pump_with_subscriber(&hub, room, sub);
+        let pump = pump_with_subscriber(&hub, room, subscription(5, outbox.clone()));
         assert_eq!(hub.room_count(), 1);
         // The task dies without the pump's loop ending: a panic unwinds the same way (drop runs),
         // but a panic here would count in the suite's panic log as a service panic.
@@ -1638,14 +1641,7 @@ mod tests {
         let hub = offline_hub().await;
         let room = RoomId::new(8).unwrap();
         let (outbox, mut inbox) = outbox(64 * 1024, Default::default());
-        let sub = Subscription {
-            conn: 1,
-            id: 1,
-            outbox,
-            user: UserId::new(3).unwrap(),
-            owner: false,
-        };
-        let mut pump = pump_with_subscriber(&hub, room, sub);
+        let mut pump = pump_with_subscriber(&hub, room, subscription(1, outbox));
         pump.clean_exit = true;
         drop(pump);
         assert_eq!(hub.room_count(), 0);

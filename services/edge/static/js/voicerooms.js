@@ -482,7 +482,8 @@ export class VoiceroomsClient {
     }
   }
 
-  #retryLater(reason) {
+  /** Closes the socket without hearing of it again. */
+  #dropSocket(reason) {
     this.#clearTimers();
     const ws = this.#ws;
     this.#ws = null;
@@ -494,21 +495,15 @@ export class VoiceroomsClient {
         /* already closed */
       }
     }
+  }
+
+  #retryLater(reason) {
+    this.#dropSocket(reason);
     this.#scheduleReconnect();
   }
 
   #terminal(state, reason) {
-    this.#clearTimers();
-    const ws = this.#ws;
-    this.#ws = null;
-    if (ws) {
-      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
-      try {
-        ws.close(CLOSE.NORMAL, reason);
-      } catch (_) {
-        /* already closed */
-      }
-    }
+    this.#dropSocket(reason);
     this.#setState(state);
   }
 

@@ -185,18 +185,7 @@ impl World {
                 GuildId::new(GUILD).unwrap(),
                 RoomId::new(room).unwrap(),
                 voicerooms_contract::now_ms(),
-                if i % 2 == 0 {
-                    Event::VoiceJoined(VoiceJoined {
-                        user: who.clone(),
-                        flags: VoiceFlags::default(),
-                        moved_from: None,
-                    })
-                } else {
-                    Event::VoiceLeft(VoiceLeft {
-                        user: who.clone(),
-                        moved_to: None,
-                    })
-                },
+                voice_event(who, i % 2 == 0),
             );
             acks.push(
                 self.js
@@ -232,31 +221,22 @@ impl World {
 
     /// Publishes a voice join/leave of `who` in `room`; returns its stream sequence.
     pub async fn voice(&self, room: u64, who: &UserRef, joined: bool) -> u64 {
-        let event = if joined {
-            Event::VoiceJoined(VoiceJoined {
-                user: who.clone(),
-                flags: VoiceFlags::default(),
-                moved_from: None,
-            })
-        } else {
-            Event::VoiceLeft(VoiceLeft {
-                user: who.clone(),
-                moved_to: None,
-            })
-        };
-        let event = RoomEvent::new(
-            GuildId::new(GUILD).unwrap(),
-            RoomId::new(room).unwrap(),
-            voicerooms_contract::now_ms(),
-            event,
-        );
-        self.js
-            .publish(event.subject(), event.encode().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .sequence
+        self.publish(room, voice_event(who, joined)).await
+    }
+}
+
+fn voice_event(who: &UserRef, joined: bool) -> Event {
+    if joined {
+        Event::VoiceJoined(VoiceJoined {
+            user: who.clone(),
+            flags: VoiceFlags::default(),
+            moved_from: None,
+        })
+    } else {
+        Event::VoiceLeft(VoiceLeft {
+            user: who.clone(),
+            moved_to: None,
+        })
     }
 }
 
