@@ -249,24 +249,29 @@ pub async fn action(
 pub fn json_config(limit: usize) -> web::JsonConfig {
     web::JsonConfig::default()
         .limit(limit)
-        .error_handler(|e, _| {
-            let message = match &e {
-                actix_web::error::JsonPayloadError::Overflow { .. }
-                | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
-                    "request body too large".to_owned()
-                }
-                actix_web::error::JsonPayloadError::ContentType => {
-                    "send Content-Type: application/json".to_owned()
-                }
-                other => {
-                    // The message may quote the body: cut it on a character boundary.
-                    let mut m = other.to_string();
-                    voicerooms_contract::text::truncate_string(&mut m, 200);
-                    m
-                }
-            };
-            HttpError::new(ErrorCode::Validation, message).into()
-        })
+        .error_handler(|e, _| HttpError::new(ErrorCode::Validation, body_error_message(&e)).into())
+}
+
+/// Longest message a body error answers with (it may quote the body).
+const MAX_BODY_ERROR_BYTES: usize = 200;
+
+/// What a refused body is told: its size, its type, or what the JSON decoder said, cut on a
+/// character boundary.
+pub fn body_error_message(e: &actix_web::error::JsonPayloadError) -> String {
+    match e {
+        actix_web::error::JsonPayloadError::Overflow { .. }
+        | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
+            "request body too large".to_owned()
+        }
+        actix_web::error::JsonPayloadError::ContentType => {
+            "send Content-Type: application/json".to_owned()
+        }
+        other => {
+            let mut m = other.to_string();
+            voicerooms_contract::text::truncate_string(&mut m, MAX_BODY_ERROR_BYTES);
+            m
+        }
+    }
 }
 
 /// `GET /api/openapi.json`.
@@ -274,4 +279,80 @@ pub async fn openapi() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(include_str!("openapi.json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::error::JsonPayloadError;
+    use proptest::prelude::*;
+
+    /// Bodies of every shape: arbitrary bytes, JSON with hostile keys and values.
+    fn any_body() -> impl Strategy<Value = Vec<u8>> {
+        let text = proptest::collection::vec(
+            prop_oneof![
+                proptest::char::range(' ', '~'),
+                Just('é'),
+                Just('\u{1D4D0}'),
+                Just('😀'),
+                any::<char>()
+            ],
+            0..300,
+        )
+        .prop_map(|c| c.into_iter().collect::<String>());
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..600),
+            (text.clone(), text.clone()).prop_map(|(k, v)| {
+                let mut body = serde_json::Map::new();
+                body.insert(k, serde_json::Value::String(v));
+                serde_json::Value::Object(body).to_string().into_bytes()
+            }),
+            text.clone()
+                .prop_map(|n| serde_json::json!({ "name": n }).to_string().into_bytes()),
+            text.prop_map(|n| serde_json::json!({ "invite": n, "x": 1 })
+                .to_string()
+                .into_bytes()),
+            (1usize..1_000)
+                .prop_map(|d| format!("{}{}", "[".repeat(d), "]".repeat(d)).into_bytes()),
+            Just(br#"{"name":1e999999}"#.to_vec()),
+            Just(br#"{"guild":"18446744073709551616","name":"x"}"#.to_vec()),
+        ]
+    }
+
+    fn refused<T: serde::de::DeserializeOwned>(body: &[u8]) {
+        if let Err(e) = serde_json::from_slice::<T>(body) {
+            let message = body_error_message(&JsonPayloadError::Deserialize(e));
+            assert!(message.len() <= MAX_BODY_ERROR_BYTES, "{message}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn bodies_of_every_shape_decode_or_give_a_short_error(body in any_body()) {
+            refused::<CreateBody>(&body);
+            refused::<JoinBody>(&body);
+        }
+
+        #[test]
+        fn valid_create_bodies_decode(name in "[^\\p{Cc}]{1,100}", key in proptest::option::of("[A-Za-z0-9_-]{1,64}")) {
+            let body = serde_json::json!({"name": name, "idempotency_key": key}).to_string();
+            let decoded: CreateBody = serde_json::from_str(&body).unwrap();
+            prop_assert_eq!(decoded.name, name);
+            prop_assert_eq!(decoded.idempotency_key, key);
+        }
+    }
+
+    #[test]
+    fn size_and_type_errors_have_fixed_messages() {
+        assert_eq!(
+            body_error_message(&JsonPayloadError::ContentType),
+            "send Content-Type: application/json"
+        );
+        assert_eq!(
+            body_error_message(&JsonPayloadError::Overflow { limit: 1 }),
+            "request body too large"
+        );
+    }
 }

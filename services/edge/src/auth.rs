@@ -619,3 +619,49 @@ pub async fn me(auth: web::Data<Auth>, req: HttpRequest) -> Result<HttpResponse,
         "session_expires_at": session.expires_at,
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+    use proptest::prelude::*;
+
+    fn any_text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                proptest::char::range(' ', '~'),
+                Just('%'),
+                Just('&'),
+                Just('='),
+                Just('é'),
+                Just('\u{1D4D0}'),
+                any::<char>()
+            ],
+            0..400,
+        )
+        .prop_map(|c| c.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn login_and_callback_queries_of_any_shape_decode_or_are_refused(query in any_text()) {
+            if let Ok(login) = web::Query::<LoginQuery>::from_query(&query) {
+                let path = safe_return_path(login.return_to.as_deref());
+                prop_assert!(path.starts_with('/') && !path.starts_with("//"));
+            }
+            let _ = web::Query::<CallbackQuery>::from_query(&query);
+        }
+
+        #[test]
+        fn the_return_header_always_gives_a_local_login_url(value in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut req = TestRequest::default();
+            if let Ok(header) = actix_web::http::header::HeaderValue::from_bytes(&value) {
+                req = req.insert_header(("x-return-to", header));
+            }
+            let url = Auth::login_url_for(&req.to_http_request());
+            prop_assert!(url.starts_with("/auth/login?return_to=%2F"), "{}", url);
+        }
+    }
+}

@@ -181,4 +181,79 @@ mod tests {
         assert_eq!(safe_return_path(None), "/");
         assert_eq!(login_url("/rooms/1"), "/auth/login?return_to=%2Frooms%2F1");
     }
+
+    mod properties {
+        use super::super::*;
+        use actix_web::test::TestRequest;
+        use proptest::prelude::*;
+
+        fn any_text() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    proptest::char::range(' ', '~'),
+                    Just('/'),
+                    Just('\\'),
+                    Just('é'),
+                    Just('\u{1D4D0}'),
+                    Just('\n'),
+                    any::<char>()
+                ],
+                0..600,
+            )
+            .prop_map(|c| c.into_iter().collect())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn return_paths_are_always_local(path in any_text()) {
+                let safe = safe_return_path(Some(&path));
+                prop_assert!(safe.starts_with('/'));
+                prop_assert!(!safe.starts_with("//") && !safe.starts_with("/\\"));
+                prop_assert!(!safe.chars().any(|c| c.is_control() || c == '\\'));
+                prop_assert!(safe.len() <= 512);
+                prop_assert!(safe == path || safe == "/");
+                let url = login_url(&path);
+                prop_assert!(url.starts_with("/auth/login?return_to=%2F"));
+                prop_assert!(url.bytes().all(|b| b.is_ascii_graphic()), "{}", url);
+            }
+
+            #[test]
+            fn only_our_origins_pass(
+                origin in prop_oneof![
+                    any_text(),
+                    Just("null".to_owned()),
+                    Just("http://edge.example:8080".to_owned()),
+                    Just("https://edge.example:8080".to_owned()),
+                    Just("https://rooms.example.com".to_owned()),
+                    Just("http://edge.example:8081".to_owned()),
+                    Just("http://edge.example:8080.evil".to_owned()),
+                ],
+                fetch_site in proptest::option::of(prop_oneof![
+                    Just("same-origin"), Just("same-site"), Just("cross-site"), Just("none")
+                ]),
+                send_origin in any::<bool>(),
+            ) {
+                let allowed = vec!["https://rooms.example.com".to_owned()];
+                let mut req = TestRequest::default().insert_header(("host", "edge.example:8080"));
+                let header_ok = actix_web::http::header::HeaderValue::from_str(&origin).is_ok();
+                if send_origin && header_ok {
+                    req = req.insert_header(("origin", origin.as_str()));
+                }
+                if let Some(site) = fetch_site {
+                    req = req.insert_header(("sec-fetch-site", site));
+                }
+                let verdict = check_origin(&req.to_http_request(), &allowed).is_ok();
+                let expected = if send_origin && header_ok {
+                    origin == "http://edge.example:8080"
+                        || origin == "https://edge.example:8080"
+                        || origin == "https://rooms.example.com"
+                } else {
+                    matches!(fetch_site, Some("same-origin") | Some("none"))
+                };
+                prop_assert_eq!(verdict, expected, "origin {:?} site {:?}", origin, fetch_site);
+            }
+        }
+    }
 }

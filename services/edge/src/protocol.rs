@@ -381,4 +381,152 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        /// Error frames quote the client's input; they must stay small whatever it is.
+        const MAX_MESSAGE: usize = 300;
+
+        /// Text of every width: ASCII, 2-, 3- and 4-byte characters, controls, quotes.
+        fn any_text() -> impl Strategy<Value = String> {
+            let ch = prop_oneof![
+                proptest::char::range(' ', '~'),
+                Just('é'),
+                Just('€'),
+                Just('😀'),
+                Just('\u{1D4D0}'),
+                Just('"'),
+                Just('\\'),
+                Just('\u{0}'),
+                any::<char>(),
+            ];
+            proptest::collection::vec(ch, 0..300).prop_map(|c| c.into_iter().collect())
+        }
+
+        /// Any JSON value, nested a few levels, with the protocol's words and hostile numbers.
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<u64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|n| json!(n)),
+                Just(json!(u64::MAX)),
+                Just(json!(-1)),
+                Just(json!(1e300)),
+                prop_oneof![
+                    Just("auth"),
+                    Just("subscribe"),
+                    Just("unsubscribe"),
+                    Just("ping"),
+                    Just("1"),
+                    Just("18446744073709551615"),
+                    Just("18446744073709551616"),
+                    Just("1.>"),
+                ]
+                .prop_map(|s| json!(s)),
+                any_text().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("v".to_owned()),
+                            Just("type".to_owned()),
+                            Just("payload".to_owned()),
+                            Just("room".to_owned()),
+                            Just("since".to_owned()),
+                            Just("epoch".to_owned()),
+                            Just("session".to_owned()),
+                            any_text(),
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn check(text: &str) {
+            if let Err(e) = ClientMessage::parse(text) {
+                let message = e.to_string();
+                assert!(
+                    message.len() <= MAX_MESSAGE,
+                    "{} bytes: {message}",
+                    message.len()
+                );
+                // What the client gets back is valid JSON whatever the message holds.
+                let frame = error_code("invalid_frame", &message, None);
+                let _: Value = serde_json::from_str(&frame).unwrap();
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_text_never_panics_and_errors_stay_small(text in any_text()) {
+                check(&text);
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics_and_errors_stay_small(value in any_json()) {
+                check(&value.to_string());
+            }
+
+            #[test]
+            fn frames_with_hostile_payloads_never_panic(
+                kind in prop_oneof![Just("auth"), Just("subscribe"), Just("unsubscribe"), Just("ping")],
+                payload in any_json(),
+            ) {
+                check(&json!({"v": 1, "type": kind, "payload": payload}).to_string());
+            }
+
+            #[test]
+            fn deep_nesting_is_an_error_not_a_stack_overflow(depth in 1usize..2_000) {
+                let text = format!(
+                    r#"{{"v":1,"type":"subscribe","payload":{}{}}}"#,
+                    "[".repeat(depth),
+                    "]".repeat(depth)
+                );
+                check(&text);
+            }
+
+            #[test]
+            fn valid_subscribes_round_trip(
+                room in 1..=u64::MAX,
+                since in proptest::option::of(any::<u64>()),
+                epoch in proptest::option::of(any::<u64>()),
+            ) {
+                let mut payload = serde_json::Map::new();
+                payload.insert("room".into(), json!(room.to_string()));
+                if let Some(since) = since {
+                    payload.insert("since".into(), json!(since));
+                }
+                if let Some(epoch) = epoch {
+                    payload.insert("epoch".into(), json!(epoch.to_string()));
+                }
+                let text = json!({"v": 1, "type": "subscribe", "payload": payload}).to_string();
+                prop_assert_eq!(
+                    ClientMessage::parse(&text),
+                    Ok(ClientMessage::Subscribe {
+                        room: RoomId::new(room).unwrap(),
+                        since,
+                        epoch: epoch.map(Epoch::from_unix_nanos),
+                    })
+                );
+            }
+
+            #[test]
+            fn valid_auths_round_trip(session in "[A-Za-z0-9%=._-]{1,512}") {
+                let text = json!({"v": 1, "type": "auth", "payload": {"session": session}}).to_string();
+                prop_assert_eq!(ClientMessage::parse(&text), Ok(ClientMessage::Auth { session }));
+            }
+        }
+    }
 }

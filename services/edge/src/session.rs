@@ -232,4 +232,66 @@ mod tests {
         assert!(is_session_id(&a));
         assert!(!is_session_id("../etc"));
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// One store for every case. Verification never touches the bucket: a client that never
+        /// connects is enough (made inside a runtime, which stays for the test binary).
+        fn store() -> &'static SessionStore {
+            static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> =
+                std::sync::OnceLock::new();
+            static STORE: std::sync::OnceLock<SessionStore> = std::sync::OnceLock::new();
+            STORE.get_or_init(|| {
+                let runtime = RUNTIME.get_or_init(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                });
+                runtime.block_on(async {
+                    let nats = async_nats::ConnectOptions::new()
+                        .retry_on_initial_connect()
+                        .connect("127.0.0.1:1")
+                        .await
+                        .unwrap();
+                    let js = async_nats::jetstream::new(nats);
+                    SessionStore::new(
+                        Arc::new(LazyBucket::new(js, SESSIONS_BUCKET, 1, 1)),
+                        Key::derive_from(b"a session key of at least thirty-two bytes, for tests"),
+                        "vr_session".into(),
+                    )
+                })
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn arbitrary_cookie_values_are_refused_without_a_panic(
+                value in proptest::collection::vec(any::<char>(), 0..400)
+                    .prop_map(|c| c.into_iter().collect::<String>()),
+            ) {
+                let store = store();
+                prop_assert!(matches!(store.verify(&value), Err(SessionError::BadCookie)));
+            }
+
+            #[test]
+            fn signed_ids_verify_and_any_change_is_refused(flip in 0usize..200, to in any::<char>()) {
+                let store = store();
+                let id = new_session_id();
+                let signed = store.sign(&id);
+                prop_assert_eq!(store.verify(&signed).unwrap(), id.clone());
+                let mut chars: Vec<char> = signed.chars().collect();
+                let at = flip.checked_rem(chars.len()).unwrap();
+                if chars[at] != to {
+                    chars[at] = to;
+                    let tampered: String = chars.into_iter().collect();
+                    prop_assert!(store.verify(&tampered).is_err(), "{}", tampered);
+                }
+            }
+        }
+    }
 }
