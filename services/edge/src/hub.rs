@@ -572,7 +572,7 @@ impl Inner {
                     Err(_) => return Err(ReadError::Nats("replay timed out".into())),
                 };
             read = read.saturating_add(1);
-            if read % PULL_EVERY == 0 {
+            if read.is_multiple_of(PULL_EVERY) {
                 self.budget.pace(1).await;
             }
             let seq = message
