@@ -98,7 +98,7 @@ impl Default for WebSocketSettings {
             replay_max_bytes: 256 * 1024,
             read_timeout_ms: 1_000,
             repair_jitter_ms: 1_000,
-            jetstream_rate: 500,
+            jetstream_rate: 1_000,
             jetstream_concurrency: 32,
             epoch_check_interval_ms: 5_000,
         }
