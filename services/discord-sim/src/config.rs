@@ -102,6 +102,11 @@ pub struct SimConfig {
     pub identify_window: Duration,
     /// Daily session starts (`session_start_limit.total`).
     pub session_start_total: u32,
+    /// `shards` in `GET /gateway/bot`; `None`: one per 1,000 guilds the bot is in (at least 1).
+    pub recommended_shards: Option<u32>,
+    /// Guilds one session may handle; an IDENTIFY that would handle more is closed with 4011
+    /// (Discord: 2,500).
+    pub max_guilds_per_shard: usize,
     /// Privileged intents this application may use (GUILD_MEMBERS by default).
     pub allowed_privileged_intents: u64,
     pub rate_limits: RateLimitConfig,
@@ -185,6 +190,8 @@ impl Default for SimConfig {
             max_concurrency: 1,
             identify_window: Duration::from_secs(5),
             session_start_total: 1000,
+            recommended_shards: None,
+            max_guilds_per_shard: 2_500,
             allowed_privileged_intents: intents::GUILD_MEMBERS,
             rate_limits: RateLimitConfig::default(),
             oauth: OAuthConfig::default(),
@@ -263,6 +270,16 @@ impl SimConfig {
                 "MAX_CONCURRENCY" => c.max_concurrency = value.parse().map_err(|_| bad(()))?,
                 "SESSION_START_TOTAL" => {
                     c.session_start_total = value.parse().map_err(|_| bad(()))?
+                }
+                "RECOMMENDED_SHARDS" => {
+                    c.recommended_shards = if value.trim().is_empty() {
+                        None
+                    } else {
+                        Some(value.parse().map_err(|_| bad(()))?)
+                    }
+                }
+                "MAX_GUILDS_PER_SHARD" => {
+                    c.max_guilds_per_shard = value.parse().map_err(|_| bad(()))?
                 }
                 "SEED" => c.seed = Some(value.parse().map_err(|_| bad(()))?),
                 "LOG_CAPACITY" => c.log_capacity = value.parse().map_err(|_| bad(()))?,

@@ -359,28 +359,54 @@ impl Connection {
             },
             _ => return Err(End::Close(close::INVALID_SHARD)),
         };
-        // Identify concurrency and the daily session-start budget.
+        // A session may handle at most `max_guilds_per_shard` guilds (Discord: 2,500).
+        let guilds_here = {
+            let world = lock(&self.sim.world);
+            world
+                .guilds
+                .values()
+                .filter(|g| {
+                    g.bot_member && (g.id >> 22).checked_rem(shard.1).unwrap_or(0) == shard.0
+                })
+                .count()
+        };
+        if guilds_here > self.sim.config.max_guilds_per_shard {
+            self.sim.record(SimEventKind::IdentifyRejected {
+                conn: self.conn,
+                reason: format!(
+                    "sharding required: {guilds_here} guilds for one shard (at most {})",
+                    self.sim.config.max_guilds_per_shard
+                ),
+                shard: [shard.0, shard.1],
+            });
+            return Err(End::Close(close::SHARDING_REQUIRED));
+        }
+        // Identify concurrency and the daily session-start budget. Discord's rule: shards are
+        // grouped by rate-limit key `shard_id % max_concurrency`, and each key allows one
+        // IDENTIFY per 5 s (so at most `max_concurrency` per 5 s in all).
+        let max_concurrency = u64::from(self.sim.config.max_concurrency.max(1));
+        let key = shard.0.checked_rem(max_concurrency).unwrap_or(0);
         let rejected = {
             let mut gw = lock(&self.sim.gateway);
             let now = Instant::now();
             let window = self.sim.config.identify_window;
-            while gw
-                .identify_times
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= window)
-            {
-                gw.identify_times.pop_front();
-            }
             if gw.session_starts_reset.is_none_or(|t| now >= t) {
                 gw.session_starts_used = 0;
                 gw.session_starts_reset = Some(instant_after(now, Duration::from_secs(86_400)));
             }
-            if gw.identify_times.len() >= self.sim.config.max_concurrency.max(1) as usize {
-                Some("max_concurrency exceeded")
+            let busy = gw
+                .identify_by_key
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < window);
+            if busy {
+                Some(format!(
+                    "max_concurrency exceeded: rate limit key {key} identified less than {} ms ago",
+                    window.as_millis()
+                ))
             } else if gw.session_starts_used >= self.sim.config.session_start_total {
-                Some("session start limit exhausted")
+                Some("session start limit exhausted".to_owned())
             } else {
-                gw.identify_times.push_back(now);
+                gw.identify_by_key.insert(key, now);
                 gw.session_starts_used = gw.session_starts_used.saturating_add(1);
                 None
             }
@@ -388,7 +414,8 @@ impl Connection {
         if let Some(reason) = rejected {
             self.sim.record(SimEventKind::IdentifyRejected {
                 conn: self.conn,
-                reason: reason.into(),
+                reason,
+                shard: [shard.0, shard.1],
             });
             return self.invalid_session(false).await;
         }
@@ -469,6 +496,8 @@ impl Connection {
             conn: self.conn,
             session_id: session_id.clone(),
             intents: wanted,
+            shard: [shard.0, shard.1],
+            rate_limit_key: key,
         });
         tracing::debug!(conn = self.conn, frames, "identified");
         self.session = Some(session_id);

@@ -25,15 +25,20 @@ pub enum SimEventKind {
     Hello {
         conn: u64,
     },
+    /// An accepted IDENTIFY: the shard it asked for and its rate-limit key
+    /// (`shard_id % max_concurrency`); the entry's `at_ms` is when it was accepted.
     Identify {
         conn: u64,
         session_id: String,
         intents: u64,
+        shard: [u64; 2],
+        rate_limit_key: u64,
     },
-    /// An IDENTIFY was refused (op 9 or a close code).
+    /// An IDENTIFY was refused (op 9, or close 4011 when sharding is required).
     IdentifyRejected {
         conn: u64,
         reason: String,
+        shard: [u64; 2],
     },
     Resume {
         conn: u64,

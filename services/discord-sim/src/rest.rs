@@ -668,6 +668,17 @@ fn handle(sim: &Arc<Sim>, who: &Caller, auth: Option<&str>, body: &[u8], op: &Op
     match *op {
         Op::Gateway => Ok((200, Some(json!({"url": sim.gateway_url})))),
         Op::GatewayBot => {
+            // Discord recommends about one shard per 1,000 guilds.
+            let shards = sim.config.recommended_shards.unwrap_or_else(|| {
+                let guilds = lock(&sim.world)
+                    .guilds
+                    .values()
+                    .filter(|g| g.bot_member)
+                    .count();
+                u32::try_from(guilds.div_ceil(1_000))
+                    .unwrap_or(u32::MAX)
+                    .max(1)
+            });
             let gw = lock(&sim.gateway);
             let remaining = sim
                 .config
@@ -684,7 +695,7 @@ fn handle(sim: &Arc<Sim>, who: &Caller, auth: Option<&str>, body: &[u8], op: &Op
                 200,
                 Some(json!({
                     "url": sim.gateway_url,
-                    "shards": 1,
+                    "shards": shards,
                     "session_start_limit": {
                         "total": sim.config.session_start_total,
                         "remaining": remaining,

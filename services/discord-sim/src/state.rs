@@ -57,7 +57,8 @@ pub struct GwSession {
 pub struct GatewayState {
     pub sessions: HashMap<String, GwSession>,
     pub conns: HashMap<u64, ConnHandle>,
-    pub identify_times: VecDeque<Instant>,
+    /// When each rate-limit key (`shard_id % max_concurrency`) last identified.
+    pub identify_by_key: HashMap<u64, Instant>,
     pub session_starts_used: u32,
     pub session_starts_reset: Option<Instant>,
 }

@@ -37,6 +37,10 @@ pub struct GatewayConfig {
     pub lease_ttl_ms: u64,
     /// How often the holder renews its lease and writes its session checkpoint (ms).
     pub lease_renew_ms: u64,
+    /// Session starts (IDENTIFY) left today below which no replica identifies: a critical alert
+    /// (`gateway_session_start_reserve`) instead, until Discord resets the budget. Discord resets
+    /// the bot's token when the budget runs out.
+    pub session_start_reserve: u64,
 }
 
 impl Default for GatewayConfig {
@@ -55,6 +59,7 @@ impl Default for GatewayConfig {
             lease_bucket: "gateway_leases".into(),
             lease_ttl_ms: 6_000,
             lease_renew_ms: 1_000,
+            session_start_reserve: 100,
         }
     }
 }

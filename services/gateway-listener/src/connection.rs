@@ -39,7 +39,7 @@ use voicerooms_platform::settings::Secret;
 use crate::cache::{Change, VoiceCache};
 use crate::config::GatewayConfig;
 use crate::discord;
-use crate::identify::IdentifyQueue;
+use crate::identify::{BotError, IdentifyError, IdentifyQueue};
 use crate::metrics::Metrics;
 use crate::protocol::{self, op, NextStep};
 use crate::publisher::{Batch, Checkpoint, SessionInfo};
@@ -48,6 +48,8 @@ use crate::publisher::{Batch, Checkpoint, SessionInfo};
 pub const ALERT_RECONNECT_FAILING: &str = "gateway_reconnect_failing";
 /// Code of the alert raised on a fatal close.
 pub const ALERT_FATAL_CLOSE: &str = "gateway_fatal_close";
+/// Code of the alert raised when identifying would take the session-start budget to the reserve.
+pub const ALERT_SESSION_START_RESERVE: &str = "gateway_session_start_reserve";
 
 /// Why the loop stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +193,8 @@ struct Ended {
     /// ...in answer to our RESUME: Discord's normal answer for a session it no longer keeps, not
     /// a failed attempt (no backoff slot, no step towards the alert).
     resume_refused: bool,
+    /// No identify turn: the session-start budget is at the reserve. Not a failed attempt.
+    reserve: Option<IdentifyError>,
 }
 
 impl Ended {
@@ -202,6 +206,7 @@ impl Ended {
             reason,
             invalid_session: false,
             resume_refused: false,
+            reserve: None,
         }
     }
 }
@@ -215,16 +220,16 @@ fn invalid_session_wait() -> Duration {
 pub struct Gateway {
     config: GatewayConfig,
     token: Secret,
-    api_base: String,
     report: Reporter,
     publisher: mpsc::Sender<Batch>,
     cache: VoiceCache,
     session: Option<Session>,
     gateway_url: Option<String>,
     identify: IdentifyQueue,
-    http: reqwest::Client,
     /// Consecutive failed attempts.
     failures: u32,
+    /// The session-start reserve alert is raised (resolved at the next granted turn).
+    reserve_alerting: bool,
     /// The wait before the next attempt when it is not the backoff's (after op 9).
     retry_after: Option<Duration>,
 }
@@ -233,7 +238,6 @@ impl Gateway {
     pub fn new(
         config: GatewayConfig,
         token: Secret,
-        api_base: String,
         report: Reporter,
         publisher: mpsc::Sender<Batch>,
         identify: IdentifyQueue,
@@ -242,7 +246,6 @@ impl Gateway {
         Self {
             config,
             token,
-            api_base,
             report,
             publisher,
             cache: VoiceCache::new(),
@@ -250,11 +253,8 @@ impl Gateway {
             gateway_url,
             identify,
             failures: 0,
+            reserve_alerting: false,
             retry_after: None,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap_or_default(),
         }
     }
 
@@ -316,8 +316,26 @@ impl Gateway {
                     reason,
                 ),
             };
-            if !ended.established && !ended.resume_refused {
+            if !ended.established && !ended.resume_refused && ended.reserve.is_none() {
                 self.failures = self.failures.saturating_add(1);
+            }
+            if let Some(reserve) = &ended.reserve {
+                let reset_after_ms = match reserve {
+                    IdentifyError::Reserve { reset_after_ms, .. } => *reset_after_ms,
+                    IdentifyError::Unauthorized => 0,
+                };
+                // Check again within a minute: Discord's reset, or an operator's change.
+                self.retry_after = Some(Duration::from_millis(reset_after_ms).min(RESERVE_RECHECK));
+                if !self.reserve_alerting {
+                    self.reserve_alerting = true;
+                    self.report
+                        .alert(
+                            Severity::Critical,
+                            ALERT_SESSION_START_RESERVE,
+                            format!("not identifying shard {}: {reserve}", self.config.shard_id),
+                        )
+                        .await;
+                }
             }
             if ended.resume_refused {
                 self.retry_after = Some(invalid_session_wait());
@@ -412,38 +430,11 @@ impl Gateway {
             return Ok(protocol::connect_url(&s.info.resume_url));
         }
         if self.gateway_url.is_none() {
-            let url = format!("{}/gateway/bot", self.api_base.trim_end_matches('/'));
-            let resp = self
-                .http
-                .get(&url)
-                .header("Authorization", format!("Bot {}", self.token.expose()))
-                .send()
-                .await
-                .map_err(|e| (format!("GET /gateway/bot: {}", e.without_url()), None))?;
-            let status = resp.status();
-            if status == reqwest::StatusCode::UNAUTHORIZED {
-                return Err(("GET /gateway/bot: HTTP 401".into(), Some(4004)));
-            }
-            if !status.is_success() {
-                return Err((format!("GET /gateway/bot: HTTP {status}"), None));
-            }
-            let bot: protocol::GatewayBot = resp
-                .json()
-                .await
-                .map_err(|e| (format!("GET /gateway/bot: {}", e.without_url()), None))?;
-            if let Some(limit) = &bot.session_start_limit {
-                self.identify
-                    .set_max_concurrency(usize::try_from(limit.max_concurrency).unwrap_or(1));
-                tracing::info!(
-                    remaining = limit.remaining,
-                    reset_after_ms = limit.reset_after,
-                    max_concurrency = limit.max_concurrency,
-                    "session start limit"
-                );
-            }
-            if self.gateway_url.is_none() {
-                self.gateway_url = Some(bot.url);
-            }
+            let bot = self.identify.gateway_bot().await.map_err(|e| match e {
+                BotError::Unauthorized => (e.to_string(), Some(4004)),
+                BotError::Failed(_) => (e.to_string(), None),
+            })?;
+            self.gateway_url = Some(bot.url);
         }
         Ok(protocol::connect_url(
             self.gateway_url.as_deref().unwrap_or_default(),
@@ -539,9 +530,12 @@ impl Gateway {
         }
         let mut identify_pending = !resuming;
         let queue = self.identify.clone();
+        let shard = self.config.shard_id;
         let mut identify_turn = Box::pin(async move {
-            if !resuming {
-                queue.acquire().await;
+            if resuming {
+                std::future::pending().await
+            } else {
+                queue.acquire(shard).await
             }
         });
         let mut awaiting_ack = false;
@@ -559,8 +553,32 @@ impl Gateway {
                     close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "shutting down").await;
                     break Ended::new(established, NextStep::Resume, None, "shutdown".into());
                 }
-                _ = &mut identify_turn, if identify_pending => {
+                turn = &mut identify_turn, if identify_pending => {
                     identify_pending = false;
+                    match turn {
+                        Ok(_) => {}
+                        Err(IdentifyError::Unauthorized) => {
+                            close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "token refused").await;
+                            break Ended::new(established, NextStep::Stop, Some(4004), IdentifyError::Unauthorized.to_string());
+                        }
+                        Err(refused) => {
+                            tracing::error!(error = %refused, "not identifying: the session-start budget is at its reserve");
+                            close_gracefully(&mut sink, &mut stream, protocol::RESUMABLE_CLOSE, "no identify turn").await;
+                            let mut ended = Ended::new(established, NextStep::Reidentify, None, refused.to_string());
+                            ended.reserve = Some(refused);
+                            break ended;
+                        }
+                    }
+                    if self.reserve_alerting {
+                        self.reserve_alerting = false;
+                        self.report
+                            .alert(
+                                Severity::Resolved,
+                                ALERT_SESSION_START_RESERVE,
+                                "the session-start budget allows identifying again".into(),
+                            )
+                            .await;
+                    }
                     self.report.metrics.identifies.inc();
                     tracing::info!(shard = self.config.shard_id, "identifying");
                     let identify = protocol::identify(
@@ -874,6 +892,9 @@ fn close_frame(code: u16, reason: &'static str) -> Message {
         reason: reason.into(),
     }))
 }
+
+/// Longest wait before the session-start budget is checked again while it is at the reserve.
+const RESERVE_RECHECK: Duration = Duration::from_secs(60);
 
 /// Longest wait for our Close to be sent (and, when closing gracefully, answered).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -127,7 +127,6 @@ impl Application {
                     replicas: settings.common.nats.replicas,
                     report,
                     tasks: builder.tasks().clone(),
-                    identify: identify::IdentifyQueue::default(),
                 };
                 let shutdown = builder.shutdown_token();
                 builder.tasks().spawn(sup.run(shutdown));
@@ -163,16 +162,32 @@ struct Supervisor {
     replicas: usize,
     report: Reporter,
     tasks: tokio_util::task::TaskTracker,
-    identify: identify::IdentifyQueue,
 }
 
 impl Supervisor {
     async fn run(self, shutdown: CancellationToken) {
         let js = async_nats::jetstream::new(self.report.nats.clone());
         let renew_every = Duration::from_millis(self.config.lease_renew_ms);
-        let mut lease = loop {
-            match Lease::open(&js, &self.config, &self.report.instance, self.replicas).await {
-                Ok(l) => break l,
+        let api = Arc::new(identify::DiscordApi::new(
+            &self.api_base,
+            self.token.clone(),
+        ));
+        let (mut lease, identify) = loop {
+            let opened = async {
+                let lease =
+                    Lease::open(&js, &self.config, &self.report.instance, self.replicas).await?;
+                let identify = identify::IdentifyQueue::open(
+                    &js,
+                    &self.config,
+                    api.clone(),
+                    &self.report.instance,
+                    self.replicas,
+                )
+                .await?;
+                anyhow::Ok((lease, identify))
+            };
+            match opened.await {
+                Ok(opened) => break opened,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "lease bucket not ready; retrying")
                 }
@@ -225,10 +240,9 @@ impl Supervisor {
             let mut gateway = Gateway::new(
                 self.config.clone(),
                 self.token.clone(),
-                self.api_base.clone(),
                 self.report.clone(),
                 tx,
-                self.identify.clone(),
+                identify.clone(),
             );
             if let Some(c) = checkpoint {
                 if let Ok(mut s) = shadow.lock() {

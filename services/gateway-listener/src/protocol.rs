@@ -72,14 +72,21 @@ pub struct ReadyInfo {
 }
 
 /// `GET /gateway/bot`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct GatewayBot {
     pub url: String,
+    /// Discord's recommended shard count.
+    #[serde(default = "one_u32")]
+    pub shards: u32,
     #[serde(default)]
     pub session_start_limit: Option<SessionStartLimit>,
 }
 
-#[derive(Debug, Deserialize)]
+fn one_u32() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct SessionStartLimit {
     #[serde(default)]
     pub remaining: u64,

@@ -349,6 +349,7 @@ async fn a_connection_that_stops_heartbeating_is_closed_with_4009() {
 async fn identifies_beyond_max_concurrency_get_invalid_session_false() {
     let sim = start(SimConfig {
         max_concurrency: 1,
+        identify_window: Duration::from_secs(5),
         ..test_config()
     })
     .await;
@@ -357,6 +358,109 @@ async fn identifies_beyond_max_concurrency_get_invalid_session_false() {
     gw.identify(&sim.config().bot_token, INTENTS).await;
     let v = gw.recv().await.expect("op 9");
     assert_eq!((v["op"].clone(), v["d"].clone()), (json!(9), json!(false)));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_rate_limit_key_identifies_once_per_window_and_the_log_says_which() {
+    // Arrange: max_concurrency 2: shards 0 and 2 share key 0, shard 1 has key 1.
+    let sim = start(SimConfig {
+        max_concurrency: 2,
+        identify_window: Duration::from_secs(5),
+        ..test_config()
+    })
+    .await;
+    let token = sim.config().bot_token.clone();
+
+    // Act
+    let mut outcomes = Vec::new();
+    let mut keep = Vec::new();
+    for shard in [0u64, 1, 2] {
+        let (mut gw, _) = Gw::hello(sim.gateway_url()).await;
+        gw.identify_shard(&token, [shard, 4]).await;
+        let first = gw.recv().await.expect("an answer");
+        outcomes.push((first["op"].as_u64(), first["t"].as_str().map(str::to_owned)));
+        keep.push(gw);
+    }
+
+    // Assert: keys 0 and 1 start at once; shard 2 (key 0 again) must wait.
+    assert_eq!(
+        outcomes,
+        vec![
+            (Some(0), Some("READY".into())),
+            (Some(0), Some("READY".into())),
+            (Some(9), None)
+        ]
+    );
+    let log = sim.events();
+    let identified: Vec<([u64; 2], u64)> = log
+        .iter()
+        .filter_map(|e| match &e.kind {
+            SimEventKind::Identify {
+                shard,
+                rate_limit_key,
+                ..
+            } => Some((*shard, *rate_limit_key)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(identified, vec![([0, 4], 0), ([1, 4], 1)]);
+    assert!(log.iter().any(|e| matches!(
+        &e.kind,
+        SimEventKind::IdentifyRejected { shard: [2, 4], reason, .. } if reason.contains("rate limit key 0")
+    )));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bot_in_too_many_guilds_for_one_shard_is_told_to_shard_with_4011() {
+    // Arrange: at most 2 guilds per session; the bot is in 3 (the seeded one and two more).
+    let sim = start(SimConfig {
+        max_guilds_per_shard: 2,
+        ..test_config()
+    })
+    .await;
+    sim.create_guild("second").expect("guild");
+    sim.create_guild("third").expect("guild");
+    let url = format!("{}/gateway/bot", sim.api_url());
+    let bot: serde_json::Value = http()
+        .get(&url)
+        .header("Authorization", bot_auth(&sim))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+
+    // Act: unsharded.
+    let (mut gw, _) = Gw::hello(sim.gateway_url()).await;
+    gw.identify(&sim.config().bot_token, INTENTS).await;
+
+    // Assert
+    assert_eq!(gw.ended().await, Ended::Closed(4011));
+    assert_eq!(bot["shards"], 1, "one shard per 1,000 guilds: {bot}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_recommended_shard_count_is_configurable() {
+    let sim = start(SimConfig {
+        recommended_shards: Some(8),
+        ..test_config()
+    })
+    .await;
+    let url = format!("{}/gateway/bot", sim.api_url());
+    let bot: serde_json::Value = http()
+        .get(&url)
+        .header("Authorization", bot_auth(&sim))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(bot["shards"], 8);
     sim.shutdown().await;
 }
 

@@ -23,10 +23,14 @@ pub async fn start_default() -> SimHandle {
     start(test_config()).await
 }
 
-/// `SimConfig::for_tests()` with a heartbeat timeout of 10 s (see `start_default`).
+/// `SimConfig::for_tests()` with a heartbeat timeout of 10 s (see `start_default`) and no
+/// identify window: these tests open many sessions of shard 0 one after another, and Discord's
+/// one IDENTIFY per rate-limit key per 5 s would refuse them. Tests of identify pacing set the
+/// window back to 5 s.
 pub fn test_config() -> SimConfig {
     SimConfig {
         heartbeat_timeout_factor: 20.0,
+        identify_window: Duration::ZERO,
         ..SimConfig::for_tests()
     }
 }
@@ -160,6 +164,11 @@ impl Gw {
 
     pub async fn identify(&mut self, token: &str, intents: u64) {
         self.send(json!({"op": 2, "d": {"token": token, "intents": intents, "properties": {"os": "linux", "browser": "test", "device": "test"}}}))
+            .await;
+    }
+
+    pub async fn identify_shard(&mut self, token: &str, shard: [u64; 2]) {
+        self.send(json!({"op": 2, "d": {"token": token, "intents": INTENTS, "shard": shard, "properties": {"os": "linux", "browser": "test", "device": "test"}}}))
             .await;
     }
 

@@ -105,6 +105,23 @@ impl TestGateway {
         })));
     }
 
+    /// One more replica of the service against the same NATS and simulator.
+    pub async fn another_app(&self, gateway: GatewayConfig, token: &str) -> AppHandle {
+        let app = Application::build(settings(&self.nats, &self.sim, gateway, token))
+            .await
+            .expect("service builds");
+        let port = app.port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = rx.await;
+        }));
+        AppHandle {
+            port,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
     pub async fn wait_connected(&self) {
         let readyz = format!("http://127.0.0.1:{}/readyz", self.port);
         wait_until(Duration::from_secs(10), "gateway ready", || async {
@@ -156,6 +173,42 @@ impl TestGateway {
 
     pub fn count(&self, f: impl Fn(&SimEventKind) -> bool) -> usize {
         self.sim.events().iter().filter(|e| f(&e.kind)).count()
+    }
+}
+
+/// A replica started with [`TestGateway::another_app`].
+pub struct AppHandle {
+    pub port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl AppHandle {
+    /// Stops it gracefully (SIGTERM-like) and waits.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
+impl Drop for AppHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
     }
 }
 
