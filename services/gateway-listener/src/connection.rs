@@ -42,7 +42,8 @@ use crate::discord;
 use crate::identify::{BotError, IdentifyError, IdentifyQueue};
 use crate::metrics::Metrics;
 use crate::protocol::{self, op, NextStep};
-use crate::publisher::{Batch, Checkpoint, SessionInfo};
+use crate::publisher::{Batch, SessionInfo};
+use crate::takeover::Restored;
 
 /// Code of the alert raised after too many failed attempts.
 pub const ALERT_RECONNECT_FAILING: &str = "gateway_reconnect_failing";
@@ -260,17 +261,17 @@ impl Gateway {
 
     /// Starts from a checkpoint left by the previous holder of the shard: its voice states, and
     /// its session to resume when it has one.
-    pub fn restore(&mut self, checkpoint: Checkpoint) {
-        self.cache = VoiceCache::from_snapshot(checkpoint.voice);
-        self.session = checkpoint.session.map(|info| Session {
+    pub fn restore(&mut self, restored: Restored) {
+        self.cache = restored.cache;
+        self.session = restored.session.map(|info| Session {
             info: Arc::new(info),
-            seq: checkpoint.seq,
+            seq: restored.seq,
         });
         tracing::info!(
             resumable = self.session.is_some(),
-            seq = checkpoint.seq,
+            seq = restored.seq,
             voice_states = self.cache.voice_count(),
-            "restored the session checkpoint"
+            "restored the shard's state"
         );
     }
 
@@ -835,6 +836,14 @@ impl Gateway {
 
 /// Envelopes with their de-duplication ids: `<session>:<seq>:<part>`. A dispatch replayed after
 /// RESUME gets the same ids, so the stream stores it once.
+///
+/// `part` names the change rather than numbering it — `<kind>-<room>[-<user>]` (a dispatch
+/// never holds two changes of one kind, room and user) — so that a dispatch re-driven after a
+/// takeover, against the voice states that were actually stored, gets the same id for each change
+/// that was already stored and a fresh one for any it had not: if a crash stored only the
+/// `voice.left` half of a move, the re-driven dispatch yields just the `voice.joined` half, under
+/// the id the lost half would have had. Numbered parts would give that join the stored leave's id
+/// and the stream would drop it as a duplicate.
 fn build_events(
     session: &str,
     seq: u64,
@@ -844,9 +853,12 @@ fn build_events(
     let traceparent = voicerooms_platform::telemetry::current_traceparent();
     changes
         .into_iter()
-        .enumerate()
-        .map(|(part, (guild, c))| {
+        .map(|(guild, c)| {
             let mut e = RoomEvent::new(guild, c.room, received_at, c.event);
+            let part = match e.event.user() {
+                Some(u) => format!("{}-{}-{}", e.kind().as_str(), e.room, u.id),
+                None => format!("{}-{}", e.kind().as_str(), e.room),
+            };
             e.id = Some(format!("{session}:{seq}:{part}"));
             e.traceparent = traceparent.clone();
             e

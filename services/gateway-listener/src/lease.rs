@@ -217,6 +217,7 @@ impl Lease {
                 seq: 0,
                 voice: Vec::new(),
                 at: now_ms(),
+                stream_seq: 0,
                 holder: String::new(),
                 token: 0,
             });

@@ -39,6 +39,7 @@ pub mod lease;
 pub mod metrics;
 pub mod protocol;
 pub mod publisher;
+pub mod takeover;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -235,7 +236,37 @@ impl Supervisor {
                     continue;
                 }
             };
-            let shadow: SharedShadow = Arc::new(Mutex::new(Shadow::default()));
+            // What was actually stored: the checkpoint plus the stream after it.
+            let restored = match takeover::restore(
+                &js,
+                checkpoint,
+                self.config.shard_id,
+                self.config.shard_count,
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "could not read what the stream holds; releasing the lease"
+                    );
+                    lease.release().await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(renew_every) => {}
+                    }
+                    continue;
+                }
+            };
+            let shadow: SharedShadow = Arc::new(Mutex::new(Shadow {
+                cache: restored.cache.clone(),
+                session: restored.session.clone(),
+                seq: restored.seq,
+                stream_seq: restored.stream_seq,
+                dirty: true,
+                ..Shadow::default()
+            }));
             let (tx, rx) = tokio::sync::mpsc::channel(self.config.publish_buffer);
             let mut gateway = Gateway::new(
                 self.config.clone(),
@@ -244,14 +275,7 @@ impl Supervisor {
                 tx,
                 identify.clone(),
             );
-            if let Some(c) = checkpoint {
-                if let Ok(mut s) = shadow.lock() {
-                    s.cache = cache::VoiceCache::from_snapshot(c.voice.clone());
-                    s.session = c.session.clone();
-                    s.seq = c.seq;
-                }
-                gateway.restore(c);
-            }
+            gateway.restore(restored);
             let publisher_stop = CancellationToken::new();
             let mut publish_js = async_nats::jetstream::new(self.report.nats.clone());
             publish_js.set_timeout(Duration::from_millis(self.config.publish_timeout_ms));
@@ -263,9 +287,13 @@ impl Supervisor {
                 publisher_stop.clone(),
             ));
             let term = shutdown.child_token();
-            let renewer = self
-                .tasks
-                .spawn(renew(lease, shadow.clone(), renew_every, term.clone()));
+            let renewer = self.tasks.spawn(renew(
+                lease,
+                shadow.clone(),
+                js.clone(),
+                renew_every,
+                term.clone(),
+            ));
             let fatal = gateway.run(&term).await;
             if let Err(e) = &fatal {
                 tracing::error!(error = %e, "gateway stopped");
@@ -309,6 +337,7 @@ impl Supervisor {
 async fn renew(
     mut lease: Lease,
     shadow: SharedShadow,
+    js: async_nats::jetstream::Context,
     every: Duration,
     term: CancellationToken,
 ) -> Lease {
@@ -323,6 +352,7 @@ async fn renew(
     let hold = lease.ttl().saturating_sub(every);
     let mut valid_until = tokio::time::Instant::now() + hold;
     let mut next_renewal = tokio::time::Instant::now() + every;
+    let mut next_position = tokio::time::Instant::now() + IDLE_POSITION_EVERY;
     loop {
         tokio::select! {
             biased;
@@ -352,6 +382,10 @@ async fn renew(
                 }
             }
             _ = changed.notified() => {}
+            _ = tokio::time::sleep_until(next_position) => {
+                next_position += IDLE_POSITION_EVERY;
+                advance_idle_position(&shadow, &js).await;
+            }
         }
         let checkpoint = match shadow.lock() {
             Ok(mut s) if s.dirty => {
@@ -382,6 +416,39 @@ async fn renew(
         }
     }
 }
+
+/// While the shard publishes nothing, the checkpoint's stream position moves up to the stream's
+/// end every [`IDLE_POSITION_EVERY`], so a takeover reads only a short tail of other shards'
+/// events. Only when nothing of ours can land in between: no publish under way or queued, and
+/// none started while the stream's end was read.
+async fn advance_idle_position(shadow: &SharedShadow, js: &async_nats::jetstream::Context) {
+    let before = match shadow.lock() {
+        Ok(s) if !s.busy && !s.dirty => s.started,
+        _ => return,
+    };
+    let Ok(Ok(mut stream)) = tokio::time::timeout(
+        IDLE_POSITION_EVERY,
+        js.get_stream(voicerooms_contract::subject::ROOMS_STREAM),
+    )
+    .await
+    else {
+        return;
+    };
+    let Ok(Ok(info)) = tokio::time::timeout(IDLE_POSITION_EVERY, stream.info()).await else {
+        return;
+    };
+    let end = info.state.last_sequence;
+    if let Ok(mut s) = shadow.lock() {
+        if !s.busy && s.started == before && end > s.stream_seq {
+            s.stream_seq = end;
+            s.dirty = true;
+            s.changed.notify_one();
+        }
+    }
+}
+
+/// How often an idle shard's checkpoint position is moved to the stream's end.
+pub const IDLE_POSITION_EVERY: Duration = Duration::from_secs(5);
 
 /// Shortest time between two checkpoint writes (bounds KV writes under load).
 pub const CHECKPOINT_MIN_INTERVAL: Duration = Duration::from_millis(100);

@@ -58,6 +58,11 @@ pub struct Checkpoint {
     pub seq: u64,
     pub voice: Vec<GuildSnapshot>,
     pub at: u64,
+    /// The `ROOMS` stream position the voice states are valid at: every event of this shard
+    /// stored at or below it is in them, none stored above it is. 0: unknown (written by an
+    /// older version), no stream replay at takeover.
+    #[serde(default)]
+    pub stream_seq: u64,
     /// The replica that wrote it (set by the lease when it writes).
     #[serde(default)]
     pub holder: String,
@@ -72,6 +77,12 @@ pub struct Shadow {
     pub cache: VoiceCache,
     pub session: Option<SessionInfo>,
     pub seq: u64,
+    /// Stream sequence of the last acknowledged event (see [`Checkpoint::stream_seq`]).
+    pub stream_seq: u64,
+    /// Publishes started so far, and whether one is under way or queued: the lease task may only
+    /// move `stream_seq` up to the stream's end while nothing of ours can land in between.
+    pub started: u64,
+    pub busy: bool,
     /// Changed since the last checkpoint was written.
     pub dirty: bool,
     /// Wakes the checkpoint writer when `dirty` becomes true.
@@ -85,6 +96,7 @@ impl Shadow {
             seq: self.seq,
             voice: self.cache.snapshot(),
             at: now_ms(),
+            stream_seq: self.stream_seq,
             holder: String::new(),
             token: 0,
         }
@@ -126,20 +138,26 @@ pub async fn run(
             }
         };
         let mut batch = batch;
+        let mut stored_at = None;
         for event in &mut batch.events {
-            publish(&js, event, &metrics, &shutdown).await;
+            if let Ok(mut s) = shadow.lock() {
+                s.busy = true;
+                s.started = s.started.wrapping_add(1);
+            }
+            stored_at = Some(publish(&js, event, &metrics, &shutdown).await);
         }
-        advance_shadow(&shadow, &batch);
+        advance_shadow(&shadow, &batch, stored_at, !rx.is_empty());
     }
 }
 
-/// Publishes one event and waits for its acknowledgement, retrying until it is stored.
+/// Publishes one event and waits for its acknowledgement, retrying until it is stored; returns
+/// its stream sequence.
 async fn publish(
     js: &jetstream::Context,
     event: &mut RoomEvent,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) {
+) -> u64 {
     let mut delay = RETRY_MIN;
     let mut attempt = 0u32;
     loop {
@@ -171,7 +189,7 @@ async fn publish(
                 if attempt > 0 {
                     tracing::info!(attempts = attempt + 1, "publishing to JetStream recovered");
                 }
-                return;
+                return ack.sequence;
             }
             Err(error) => {
                 attempt = attempt.saturating_add(1);
@@ -215,11 +233,16 @@ async fn send(js: &jetstream::Context, event: &RoomEvent) -> Result<PublishAckFu
         .map_err(|e| e.to_string())
 }
 
-fn advance_shadow(shadow: &SharedShadow, b: &Batch) {
+fn advance_shadow(shadow: &SharedShadow, b: &Batch, stored_at: Option<u64>, more: bool) {
     let Ok(mut s) = shadow.lock() else { return };
     for e in &b.events {
         s.cache.apply_published(e.guild, e.room, &e.event);
     }
+    // A duplicate's ack names where the first copy was stored: never move backwards.
+    if let Some(at) = stored_at {
+        s.stream_seq = s.stream_seq.max(at);
+    }
+    s.busy = more;
     if s.session.as_ref() != Some(&*b.session) {
         s.session = Some((*b.session).clone());
     }

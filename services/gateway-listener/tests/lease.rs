@@ -18,6 +18,7 @@ fn checkpoint(seq: u64) -> Checkpoint {
         seq,
         voice: vec![],
         at: 0,
+        stream_seq: 0,
         holder: String::new(),
         token: 0,
     }

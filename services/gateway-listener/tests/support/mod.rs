@@ -349,35 +349,33 @@ pub async fn stored_all(client: &async_nats::Client) -> Vec<RoomEvent> {
 }
 
 /// `(session, gateway seq, part)` from an event id `<session>:<seq>:<part>`.
-pub fn id_parts(e: &RoomEvent) -> (String, u64, u32) {
+pub fn id_parts(e: &RoomEvent) -> (String, u64, String) {
     let id = e.id.as_deref().expect("gateway events carry an id");
-    let mut it = id.rsplitn(3, ':');
-    let part = it.next().and_then(|p| p.parse().ok()).expect("part");
-    let seq = it.next().and_then(|s| s.parse().ok()).expect("seq");
+    let mut it = id.splitn(3, ':');
     let session = it.next().expect("session").to_owned();
+    let seq = it.next().and_then(|s| s.parse().ok()).expect("seq");
+    let part = it.next().expect("part").to_owned();
     (session, seq, part)
 }
 
-/// Stored order = dispatch order: within a session, (seq, part) strictly increases along the
-/// stream; once a later session has started, an earlier one never reappears; no id twice.
-/// Returns a description of the first violation.
+/// Stored order = dispatch order: within a session the gateway sequence never goes back along
+/// the stream (the events of one dispatch are stored together); once a later session has
+/// started, an earlier one never reappears; no id twice. Returns the first violation.
 pub fn dispatch_order_violation(events: &[RoomEvent]) -> Option<String> {
     let mut seen_ids = std::collections::HashSet::new();
     let mut finished: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut current: Option<(String, u64, u32, u64)> = None;
+    let mut current: Option<(String, u64, u64)> = None;
     for e in events.iter().filter(|e| e.id.is_some()) {
         let id = e.id.clone().unwrap_or_default();
         if !seen_ids.insert(id.clone()) {
             return Some(format!("id {id} stored twice (stream seq {:?})", e.seq));
         }
-        let (session, seq, part) = id_parts(e);
+        let (session, seq, _) = id_parts(e);
         let stream_seq = e.seq.unwrap_or(0);
         match &current {
-            Some((s, prev_seq, prev_part, prev_stream))
-                if *s == session && (seq, part) <= (*prev_seq, *prev_part) =>
-            {
+            Some((s, prev_seq, prev_stream)) if *s == session && seq < *prev_seq => {
                 return Some(format!(
-                    "dispatch {seq}:{part} (stream seq {stream_seq}) stored after {prev_seq}:{prev_part} (stream seq {prev_stream}) of session {session}"
+                    "dispatch {seq} (stream seq {stream_seq}) stored after dispatch {prev_seq} (stream seq {prev_stream}) of session {session}"
                 ));
             }
             Some((s, ..)) if *s == session => {}
@@ -391,13 +389,14 @@ pub fn dispatch_order_violation(events: &[RoomEvent]) -> Option<String> {
             }
             None => {}
         }
-        current = Some((session, seq, part, stream_seq));
+        current = Some((session, seq, stream_seq));
     }
     None
 }
 
-/// Players toggling voice (join their channel / leave) at a fixed overall rate: every toggle is
-/// exactly one expected event for that user.
+/// Players cycling through voice at a fixed overall rate: each joins its first channel, moves
+/// through its other channels, leaves, and starts again. Every step is one dispatch; the
+/// expected events per user are recorded (a move is a `voice.left` and a `voice.joined`).
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<std::collections::BTreeMap<u64, Vec<&'static str>>>,
@@ -413,25 +412,23 @@ impl Load {
         users: usize,
         per_sec: u32,
     ) -> Load {
-        let mut players = Vec::new();
-        for i in 0..users {
-            let id = sim
-                .create_user(&format!("player{guild}x{i}"))
-                .expect("user");
-            sim.add_member(guild, id, &[]).expect("member");
-            players.push((id, channels[i % channels.len()]));
-        }
+        let players = new_players(sim, guild, users)
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| (id, vec![channels[i % channels.len()]]))
+            .collect();
         Self::start_with(sim, players, per_sec)
     }
 
-    /// Toggles the given `(user, channel)` players.
-    pub fn start_with(sim: &SimHandle, players: Vec<(u64, u64)>, per_sec: u32) -> Load {
+    /// Cycles the given players, each through its channels (one channel: join / leave).
+    pub fn start_with(sim: &SimHandle, players: Vec<(u64, Vec<u64>)>, per_sec: u32) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sim = sim.clone();
         let flag = stop.clone();
         let task = tokio::spawn(async move {
             let mut made: std::collections::BTreeMap<u64, Vec<&'static str>> = Default::default();
-            let mut in_voice = std::collections::BTreeSet::new();
+            // Where each player is in its cycle: None = out of voice, Some(i) = in channels[i].
+            let mut at: std::collections::BTreeMap<u64, usize> = Default::default();
             let mut tick = tokio::time::interval(Duration::from_nanos(
                 1_000_000_000 / u64::from(per_sec.max(1)),
             ));
@@ -439,20 +436,30 @@ impl Load {
             let mut i = 0usize;
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                 tick.tick().await;
-                let (user, channel) = players[i % players.len()];
+                let (user, channels) = &players[i % players.len()];
                 i += 1;
-                if in_voice.remove(&user) {
-                    sim.disconnect_voice(user).expect("disconnect");
-                    made.entry(user).or_default().push("voice.left");
-                } else {
-                    sim.connect_voice(user, channel).expect("connect");
-                    in_voice.insert(user);
-                    made.entry(user).or_default().push("voice.joined");
+                let events = made.entry(*user).or_default();
+                match at.get(user).copied() {
+                    None => {
+                        sim.connect_voice(*user, channels[0]).expect("connect");
+                        at.insert(*user, 0);
+                        events.push("voice.joined");
+                    }
+                    Some(c) if c + 1 < channels.len() => {
+                        sim.move_voice(*user, channels[c + 1]).expect("move");
+                        at.insert(*user, c + 1);
+                        events.extend(["voice.left", "voice.joined"]);
+                    }
+                    Some(_) => {
+                        sim.disconnect_voice(*user).expect("disconnect");
+                        at.remove(user);
+                        events.push("voice.left");
+                    }
                 }
             }
-            for user in in_voice {
-                sim.disconnect_voice(user).expect("disconnect");
-                made.entry(user).or_default().push("voice.left");
+            for user in at.keys() {
+                sim.disconnect_voice(*user).expect("disconnect");
+                made.entry(*user).or_default().push("voice.left");
             }
             made
         });
@@ -464,6 +471,68 @@ impl Load {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.task.await.expect("load task")
     }
+}
+
+/// `n` new members of `guild`.
+pub fn new_players(sim: &SimHandle, guild: u64, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            let id = sim
+                .create_user(&format!("player{guild}x{i}x{}", rand_suffix()))
+                .expect("user");
+            sim.add_member(guild, id, &[]).expect("member");
+            id
+        })
+        .collect()
+}
+
+fn rand_suffix() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Replays stored voice events as each user's state: where they are (room), and every event
+/// that does not fit the state it finds (a join while already in voice, a leave of a room they
+/// are not in: an event stored twice, or a change consumers never got undone).
+pub fn replay_voice(events: &[RoomEvent]) -> (std::collections::BTreeMap<u64, u64>, Vec<String>) {
+    let mut state: std::collections::BTreeMap<u64, u64> = Default::default();
+    let mut bad = Vec::new();
+    for e in events.iter().filter(|e| is_voice(e)) {
+        let Some(user) = e.event.user().map(|u| u.id.get()) else {
+            continue;
+        };
+        let room = e.room.get();
+        match &e.event {
+            Event::VoiceJoined(_) => {
+                if let Some(prev) = state.insert(user, room) {
+                    bad.push(format!(
+                        "stream seq {:?}: {user} joined {room} while in {prev} ({:?})",
+                        e.seq, e.id
+                    ));
+                }
+            }
+            Event::VoiceLeft(_) => match state.get(&user) {
+                Some(r) if *r == room => {
+                    state.remove(&user);
+                }
+                other => bad.push(format!(
+                    "stream seq {:?}: {user} left {room} while in {other:?} ({:?})",
+                    e.seq, e.id
+                )),
+            },
+            _ => {}
+        }
+    }
+    (state, bad)
+}
+
+/// Discord's voice state of `users` (user → channel), from the simulator.
+pub fn discord_voice(sim: &SimHandle, users: &[u64]) -> std::collections::BTreeMap<u64, u64> {
+    users
+        .iter()
+        .filter_map(|u| sim.voice_channel_of(*u).map(|(_, c)| (*u, c)))
+        .collect()
 }
 
 /// Each user's stored voice events, in stream order.

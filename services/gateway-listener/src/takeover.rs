@@ -1,0 +1,191 @@
+//! Taking a shard over: what was actually stored, not what the previous holder last wrote down.
+//!
+//! The previous holder's checkpoint trails the stored events (it is written within 100 ms of
+//! progress, and a holder can die in between). Converging a new session against it would publish
+//! changes consumers already have a second time, or miss undoing ones they have (issue 15,
+//! defect 5). So the new holder reads the `ROOMS` stream after the checkpoint's stream position
+//! and applies this shard's voice events to the checkpoint's voice states: the result is exactly
+//! what consumers have seen. From that state it resumes the session — from the dispatch before
+//! the last one it finds stored, so a dispatch whose events were only partly stored is re-driven
+//! (its stored changes come out under the same ids and are dropped as duplicates, the rest is
+//! stored) — or, when the session cannot be resumed, identifies and publishes the difference
+//! between that state and Discord's.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use voicerooms_contract::subject::ROOMS_STREAM;
+use voicerooms_contract::{GuildId, RoomEvent};
+
+use crate::cache::VoiceCache;
+use crate::publisher::{Checkpoint, SessionInfo};
+
+/// Where a new holder starts from.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Voice states as stored: the checkpoint's plus this shard's events after it.
+    pub cache: VoiceCache,
+    /// The session to resume, when there is one we can.
+    pub session: Option<SessionInfo>,
+    /// The sequence to resume from.
+    pub seq: u64,
+    /// The stream position `cache` is valid at.
+    pub stream_seq: u64,
+    /// This shard's events found after the checkpoint.
+    pub replayed: usize,
+}
+
+/// Whether guild `g` is routed to shard `shard` of `count` (Discord's formula).
+pub fn shard_of(guild: GuildId, count: u32) -> u32 {
+    let count = u64::from(count.max(1));
+    u32::try_from((guild.get() >> 22).checked_rem(count).unwrap_or(0)).unwrap_or(0)
+}
+
+/// `(session, seq)` of a gateway event id `<session>:<seq>:<part>`.
+pub fn session_and_seq(id: &str) -> Option<(&str, u64)> {
+    let mut parts = id.splitn(3, ':');
+    let session = parts.next()?;
+    let seq = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some((session, seq))
+}
+
+/// Builds the new holder's starting point from the previous holder's checkpoint and what the
+/// stream holds after it. Without a checkpoint (or one from an older version, with no stream
+/// position) there is nothing to replay: the stream end is the position.
+pub async fn restore(
+    js: &jetstream::Context,
+    checkpoint: Option<Checkpoint>,
+    shard: u32,
+    count: u32,
+) -> anyhow::Result<Restored> {
+    let stream_end = stream_end(js).await?;
+    let Some(c) = checkpoint else {
+        return Ok(Restored {
+            stream_seq: stream_end,
+            ..Restored::default()
+        });
+    };
+    let mut restored = Restored {
+        cache: VoiceCache::from_snapshot(c.voice),
+        session: c.session,
+        seq: c.seq,
+        stream_seq: c.stream_seq.max(stream_end),
+        replayed: 0,
+    };
+    if c.stream_seq == 0 || c.stream_seq >= stream_end {
+        if c.stream_seq == 0 {
+            tracing::warn!(
+                "checkpoint without a stream position: converging against it as written"
+            );
+        }
+        return Ok(restored);
+    }
+    let tail = read_tail(js, c.stream_seq, stream_end).await?;
+    let mut last_seq: Option<u64> = None;
+    let mut foreign_session = false;
+    for e in tail.iter().filter(|e| shard_of(e.guild, count) == shard) {
+        restored.cache.apply_published(e.guild, e.room, &e.event);
+        restored.replayed = restored.replayed.saturating_add(1);
+        let ours = restored.session.as_ref().map(|s| s.session_id.as_str());
+        match e.id.as_deref().and_then(session_and_seq) {
+            Some((session, seq)) if Some(session) == ours => {
+                last_seq = Some(last_seq.map_or(seq, |l| l.max(seq)));
+            }
+            _ => foreign_session = true,
+        }
+    }
+    if foreign_session {
+        // Events of a session the checkpoint does not name (the holder identified anew and
+        // died before checkpointing it): we cannot resume it, and must not resume the older one.
+        tracing::warn!("stored events of a session the checkpoint does not name; identifying");
+        restored.session = None;
+    }
+    if let Some(last) = last_seq {
+        // Re-drive the last dispatch found: it may have been stored only in part.
+        restored.seq = restored.seq.max(last.saturating_sub(1));
+    }
+    tracing::info!(
+        replayed = restored.replayed,
+        from = c.stream_seq,
+        to = stream_end,
+        resume_from = restored.seq,
+        resumable = restored.session.is_some(),
+        "took over from the stream: checkpoint plus the events stored after it"
+    );
+    Ok(restored)
+}
+
+async fn stream_end(js: &jetstream::Context) -> anyhow::Result<u64> {
+    let mut stream = js.get_stream(ROOMS_STREAM).await?;
+    Ok(stream.info().await?.state.last_sequence)
+}
+
+/// Voice events stored after `after` up to `end`, in order. Reads every message in between
+/// (a filtered read cannot tell where its last match is without a pending count that
+/// nats-server 2.9 does not report reliably) and keeps the voice events.
+async fn read_tail(
+    js: &jetstream::Context,
+    after: u64,
+    end: u64,
+) -> anyhow::Result<Vec<RoomEvent>> {
+    let stream = js.get_stream(ROOMS_STREAM).await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after.saturating_add(1),
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    loop {
+        let next = tokio::time::timeout(TAIL_READ_TIMEOUT, messages.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("reading the stream after the checkpoint timed out"))?
+            .ok_or_else(|| anyhow::anyhow!("the stream read ended early"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let seq = next
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence;
+        if seq > end {
+            return Ok(out);
+        }
+        if next.subject.as_str().contains(".voice.") {
+            match RoomEvent::decode_on(&next.subject, &next.payload) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(error = %e, seq, "skipping an undecodable stored event"),
+            }
+        }
+        if seq >= end {
+            return Ok(out);
+        }
+    }
+}
+
+/// Longest wait for the next stored message while reading after the checkpoint.
+const TAIL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_give_their_session_and_sequence() {
+        assert_eq!(session_and_seq("abc:42:voice.left-1-2"), Some(("abc", 42)));
+        assert_eq!(session_and_seq("abc:x:voice.left-1-2"), None);
+        assert_eq!(session_and_seq("abc:42"), None);
+        assert_eq!(session_and_seq(""), None);
+    }
+
+    #[test]
+    fn guilds_route_to_shards_by_discords_formula() {
+        let guild = GuildId::new(5 << 22).unwrap();
+        assert_eq!(shard_of(guild, 4), 1);
+        assert_eq!(shard_of(guild, 1), 0);
+        assert_eq!(shard_of(guild, 0), 0);
+    }
+}
