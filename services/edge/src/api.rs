@@ -169,6 +169,7 @@ pub async fn join(
             JoinRoom {
                 requester,
                 invite: invite.clone(),
+                room: None,
             },
         )
     })

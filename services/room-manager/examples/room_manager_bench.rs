@@ -108,6 +108,7 @@ async fn run(replicas: usize, rooms_n: usize, conc: usize) -> anyhow::Result<()>
                 },
                 rooms: RoomsSettings {
                     max_per_user: 100,
+                    guilds: seed::GUILD_ID.to_string(),
                     ..RoomsSettings::default()
                 },
                 invites: InvitesSettings {
@@ -178,6 +179,7 @@ async fn run(replicas: usize, rooms_n: usize, conc: usize) -> anyhow::Result<()>
                 &JoinRoom {
                     requester: joiners[i * 3 + j].clone(),
                     invite: c.invite.token.clone(),
+                    room: None,
                 },
             )
             .await;
@@ -244,6 +246,7 @@ async fn run(replicas: usize, rooms_n: usize, conc: usize) -> anyhow::Result<()>
                     &JoinRoom {
                         requester: u.clone(),
                         invite: tok.clone(),
+                        room: None,
                     },
                 )
                 .await;

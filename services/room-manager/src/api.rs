@@ -3,6 +3,11 @@
 //! `roommgr.v1.<command>`, queue group `q` so replicas share the load. Each request is decoded,
 //! validated, handled and answered with `{"v":1,"ok":…}` or `{"v":1,"error":{code,message}}`.
 //! At most `max_inflight_commands` requests run at once per replica; more wait in NATS.
+//!
+//! Shutdown: the endpoints are unsubscribed (no new commands reach this replica; the others
+//! take them), requests already received are still handled, and every command in progress runs
+//! to its answer — Discord calls are cut at shutdown's cut-off, so even a command stuck on
+//! Discord answers (`unavailable`, retryable) within the grace period, its create rolled back.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,34 +18,36 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use voicerooms_contract::command::{
-    decode_command, encode_reply, CreateRoom, ListMine, RoomCommand,
+    decode_command, encode_reply, CreateRoom, JoinRoom, ListMine, RoomCommand,
 };
 use voicerooms_contract::subject::CommandKind;
 use voicerooms_contract::wire::Validate;
 use voicerooms_contract::ApiError;
 
 use crate::rooms::{self, Core};
+use crate::supervisor::Up;
 
 /// Decodes, handles and encodes one command, and records its latency by outcome (`ok` or the
 /// error code). Never panics on input.
-pub async fn dispatch(core: &Core, kind: CommandKind, body: &[u8]) -> Vec<u8> {
+pub async fn dispatch(core: &Arc<Core>, kind: CommandKind, body: &[u8]) -> Vec<u8> {
     let started = std::time::Instant::now();
     let (reply, outcome) = dispatch_inner(core, kind, body).await;
     core.metrics.op(kind.as_str(), outcome, started);
     reply
 }
 
-async fn dispatch_inner(core: &Core, kind: CommandKind, body: &[u8]) -> (Vec<u8>, &'static str) {
+async fn dispatch_inner(
+    core: &Arc<Core>,
+    kind: CommandKind,
+    body: &[u8],
+) -> (Vec<u8>, &'static str) {
     match kind {
         CommandKind::Create => {
             handle::<CreateRoom, _, _, _>(body, |c| rooms::create(core, c)).await
         }
-        CommandKind::Join => {
-            handle::<rooms::JoinRequest, _, _, _>(body, |c| rooms::join(core, c)).await
-        }
+        CommandKind::Join => handle::<JoinRoom, _, _, _>(body, |c| rooms::join(core, c)).await,
         CommandKind::Leave => handle::<RoomCommand, _, _, _>(body, |c| rooms::leave(core, c)).await,
         CommandKind::Close => handle::<RoomCommand, _, _, _>(body, |c| rooms::close(core, c)).await,
         CommandKind::Get => handle::<RoomCommand, _, _, _>(body, |c| rooms::get(core, c)).await,
@@ -74,13 +81,14 @@ where
     (encode_reply(&result), outcome)
 }
 
-/// Serves every command until `token` is cancelled.
+/// Serves every command until `token` is cancelled, then stops taking new ones and answers
+/// those already received (see the module documentation). Marks `up` once the endpoints exist.
 pub async fn serve(
     core: Arc<Core>,
     client: async_nats::Client,
     max_inflight: usize,
-    tasks: TaskTracker,
     token: CancellationToken,
+    up: Up,
 ) -> anyhow::Result<()> {
     let service = client
         .service_builder()
@@ -100,30 +108,46 @@ pub async fn serve(
     }
     let mut requests = futures::stream::select_all(endpoints);
     let limit = Arc::new(Semaphore::new(max_inflight.max(1)));
+    // Commands run here, not on the service's tracker: this task waits for them itself, so a
+    // supervisor restart never leaves them behind, and shutdown waits for their answers.
+    let inflight = tokio_util::task::TaskTracker::new();
+    up.set(true);
     tracing::info!("room API listening on roommgr.v1.*");
+    let mut stopping = Some(service);
     loop {
-        let next = tokio::select! {
-            _ = token.cancelled() => break,
-            n = requests.next() => n,
+        let next = if stopping.is_some() {
+            tokio::select! {
+                _ = token.cancelled() => {
+                    // Stop taking commands: the endpoints unsubscribe, what they already
+                    // received still comes out of `requests`, then it ends.
+                    if let Some(s) = stopping.take() {
+                        let _ = s.stop().await;
+                    }
+                    up.set(false);
+                    tracing::info!("room API stopped taking commands; finishing those in progress");
+                    continue;
+                }
+                n = requests.next() => n,
+            }
+        } else {
+            // Bounded: an endpoint whose subscription did not end is not waited for.
+            match tokio::time::timeout(std::time::Duration::from_secs(1), requests.next()).await {
+                Ok(n) => n,
+                Err(_) => None,
+            }
         };
         let Some((kind, request)) = next else { break };
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break;
         };
         let core = core.clone();
-        let token = token.clone();
         // One span per command, child of the caller's (the edge's request span) when its
         // trace context came in the NATS headers; events published while handling carry it on.
         let span = tracing::info_span!("roommgr.command", command = kind.as_str());
         voicerooms_platform::telemetry::extract_into(&span, request.message.headers.as_ref());
-        tasks.spawn(
+        inflight.spawn(
             async move {
-                // A command still waiting on Discord at shutdown is abandoned (the caller times
-                // out; a create's slot is rolled back by the reconciler).
-                let reply = tokio::select! {
-                    _ = token.cancelled() => return,
-                    r = dispatch(&core, kind, &request.message.payload) => r,
-                };
+                let reply = dispatch(&core, kind, &request.message.payload).await;
                 if let Err(e) = request.respond(Ok(reply.into())).await {
                     tracing::warn!(command = kind.as_str(), error = %e, "reply failed");
                 }
@@ -132,6 +156,12 @@ pub async fn serve(
             .instrument(span),
         );
     }
-    let _ = service.stop().await;
-    Ok(())
+    inflight.close();
+    inflight.wait().await;
+    if token.is_cancelled() {
+        tracing::info!("room API stopped");
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("the command subscriptions ended"))
+    }
 }

@@ -1,9 +1,18 @@
 //! Voice and channel events in: one durable pull consumer on `rooms.>`, shared by all replicas
-//! (each event goes to one of them). Each event is applied to the room's record by CAS:
+//! (each event goes to one of them), applied concurrently across rooms and in stream order
+//! within a room: events are dealt to `event_lanes` lanes by room, each lane applies its events
+//! one after the other. Applying is KV work only — Discord calls the events trigger (a pending
+//! move, deleting a room whose channel a moderator deleted) are claimed by compare-and-set here
+//! and done in the background, so one slow Discord call never holds up other rooms or outlives
+//! the ack wait. An event still being applied after a third of the ack wait is marked in
+//! progress, so it is not redelivered while it runs.
 //!
 //! - `voice.joined` / `voice.left` / `voice.updated` set that user's occupancy; an event older
-//!   than the last one applied *for that user* (by stream sequence) is ignored, so two replicas
-//!   applying a join and a leave out of order still converge;
+//!   than the last one applied *for that user* (by stream sequence, within the same stream
+//!   epoch) is ignored, so two replicas applying a join and a leave out of order still converge.
+//!   When the `ROOMS` stream is recreated its sequences restart: a room's recorded sequences
+//!   belong to the old epoch and are reset, and the durable consumer (deleted with the stream)
+//!   is created again, reading the new stream from its start.
 //! - a join anywhere in the guild fires the user's pending move (claimed by deleting the pending
 //!   entry with its revision, so exactly one replica moves them);
 //! - a join during a closing warning cancels it; `channel.deleted` closes the room.
@@ -13,114 +22,210 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
+use bytes::Bytes;
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use voicerooms_contract::command::{RoomState, VoiceOccupant};
-use voicerooms_contract::event::{CloseReason, Event, RoomClosingCancelled};
+use voicerooms_contract::event::{CloseReason, Event, RoomClosingCancelled, VoiceFlags};
 use voicerooms_contract::{now_ms, subject, ApiError, GuildId, RoomEvent, RoomId, UserId, UserRef};
 
-use crate::rooms::{finish_room, Core};
+use crate::outbox;
+use crate::rooms::lifecycle::{claim_deletion, complete_deletion};
+use crate::rooms::Core;
 use crate::store::{self, pending_key, Change, PendingMove, RoomRecord};
+use crate::supervisor::Up;
 
 /// Most users whose last voice sequence a record remembers after they left.
 const MAX_VOICE_SEQ: usize = 64;
+/// How long JetStream waits for an ack before redelivering.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Events queued per lane before the consumer stops pulling.
+const LANE_CAPACITY: usize = 64;
 
-/// Runs the consumer until `token` is cancelled; reconnects with backoff on errors.
-pub async fn run(core: Arc<Core>, durable: String, token: CancellationToken) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let result = consume(&core, &durable, &token).await;
-        if token.is_cancelled() {
-            return;
-        }
-        if let Err(e) = result {
-            tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "event consumer failed; restarting");
-        }
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+/// The stream epoch the durable consumer was last created for (key `consumer.<durable>` in the
+/// `room_manager` bucket).
+#[derive(Debug, Serialize, Deserialize)]
+struct ConsumerEpoch {
+    epoch: u64,
 }
 
-async fn consume(core: &Arc<Core>, durable: &str, token: &CancellationToken) -> anyhow::Result<()> {
-    let stream = core.js.get_stream(subject::ROOMS_STREAM).await?;
+/// The epoch of a stream: its creation time (ns since the epoch). A recreated stream has a new
+/// one.
+pub fn stream_epoch(info: &async_nats::jetstream::stream::Info) -> u64 {
+    u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0)
+}
+
+/// Consumes until `token` is cancelled (the supervisor restarts it when it fails).
+pub async fn run(
+    core: Arc<Core>,
+    durable: String,
+    lanes: usize,
+    token: CancellationToken,
+    up: Up,
+) -> anyhow::Result<()> {
+    let mut stream = core.js.get_stream(subject::ROOMS_STREAM).await?;
+    let epoch = stream_epoch(stream.info().await?);
+    core.set_stream_epoch(epoch);
+    let epoch_key = format!("consumer.{durable}");
+    let known = store::get::<ConsumerEpoch>(&core.state, &epoch_key).await?;
+    // A stream recreated since we last consumed is read from its start; a first deployment on a
+    // stream with history starts with what comes next (old joins must not fire moves).
+    let deliver_policy = match &known {
+        Some((k, _)) if k.epoch != epoch => DeliverPolicy::All,
+        _ => DeliverPolicy::New,
+    };
     let consumer = stream
         .get_or_create_consumer(
-            durable,
+            &durable,
             pull::Config {
-                durable_name: Some(durable.to_owned()),
+                durable_name: Some(durable.clone()),
                 filter_subject: subject::filter::all_rooms(),
-                deliver_policy: DeliverPolicy::New,
+                deliver_policy,
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: ACK_WAIT,
                 max_deliver: 5,
                 max_ack_pending: 1_000,
                 ..Default::default()
             },
         )
         .await?;
+    if known.as_ref().is_none_or(|(k, _)| k.epoch != epoch) {
+        let bytes = Bytes::from(serde_json::to_vec(&ConsumerEpoch { epoch })?);
+        core.state.put(&epoch_key, bytes).await?;
+    }
     let mut messages = consumer.messages().await?;
-    tracing::info!(durable, "consuming room events");
-    loop {
+    let mut senders = Vec::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..lanes.max(1) {
+        let (tx, rx) = mpsc::channel(LANE_CAPACITY);
+        senders.push(tx);
+        workers.spawn(lane(core.clone(), rx, epoch));
+    }
+    up.set(true);
+    tracing::info!(durable, epoch, "consuming room events");
+    let result = loop {
         let msg = tokio::select! {
-            _ = token.cancelled() => return Ok(()),
+            _ = token.cancelled() => break Ok(()),
             m = messages.next() => m,
         };
-        let Some(msg) = msg else {
-            anyhow::bail!("consumer stream ended")
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => break Err(anyhow::anyhow!("consumer failed: {e}")),
+            None => break Err(anyhow::anyhow!("consumer stream ended")),
         };
-        let msg = msg?;
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let event = match RoomEvent::decode_on(&msg.subject, &msg.payload) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "undecodable room event; skipped");
-                let _ = msg.ack_with(AckKind::Term).await;
-                continue;
-            }
+        let lane = lane_of(&msg.subject, senders.len());
+        let Some(tx) = senders.get(lane) else {
+            break Err(anyhow::anyhow!("no lane {lane}"));
         };
-        // The event's trace goes on here: from the headers, or the copy in the payload.
-        let span = tracing::info_span!("roommgr.apply", kind = event.kind().as_str(), room = %event.room, seq);
-        voicerooms_platform::telemetry::extract_or_traceparent(
-            &span,
-            msg.headers.as_ref(),
-            event.traceparent.as_deref(),
-        );
-        // Unacknowledged on shutdown: another replica (or this one, restarted) gets it again.
-        let applied = tokio::select! {
-            _ = token.cancelled() => return Ok(()),
-            r = apply(core, &event, seq).instrument(span) => r,
-        };
-        match applied {
-            Ok(()) => {
-                let _ = msg.ack().await;
+        if tx.send(msg).await.is_err() {
+            break Err(anyhow::anyhow!("lane {lane} stopped"));
+        }
+    };
+    up.set(false);
+    // Let the lanes finish what they hold (KV work only; bounded by the lane capacity).
+    drop(senders);
+    while workers.join_next().await.is_some() {}
+    result
+}
+
+/// The lane of a room: a hash of its subject's room token, so a room's events stay in order.
+fn lane_of(subject: &str, lanes: usize) -> usize {
+    let room = subject.split('.').nth(2).unwrap_or(subject);
+    let hash = room
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    let lanes = u64::try_from(lanes.max(1)).unwrap_or(1);
+    usize::try_from(hash.checked_rem(lanes).unwrap_or(0)).unwrap_or(0)
+}
+
+async fn lane(
+    core: Arc<Core>,
+    mut rx: mpsc::Receiver<async_nats::jetstream::Message>,
+    epoch: u64,
+) {
+    while let Some(msg) = rx.recv().await {
+        handle(&core, msg, epoch).await;
+    }
+}
+
+async fn handle(core: &Arc<Core>, msg: async_nats::jetstream::Message, epoch: u64) {
+    let (seq, delivered) = msg
+        .info()
+        .map(|i| (i.stream_sequence, i.delivered))
+        .unwrap_or((0, 1));
+    if delivered > 1 {
+        core.metrics.event_redelivered();
+    }
+    let event = match RoomEvent::decode_on(&msg.subject, &msg.payload) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, error = %e, "undecodable room event; skipped");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    // The event's trace goes on here: from the headers, or the copy in the payload.
+    let span = tracing::info_span!("roommgr.apply", kind = event.kind().as_str(), room = %event.room, seq);
+    voicerooms_platform::telemetry::extract_or_traceparent(
+        &span,
+        msg.headers.as_ref(),
+        event.traceparent.as_deref(),
+    );
+    let applying = apply(core, &event, seq, epoch).instrument(span);
+    tokio::pin!(applying);
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + ACK_WAIT / 3,
+        ACK_WAIT / 3,
+    );
+    let applied = loop {
+        tokio::select! {
+            r = &mut applying => break r,
+            _ = progress.tick() => {
+                // Still working on it: do not redeliver.
+                let _ = msg.ack_with(AckKind::Progress).await;
             }
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "applying event failed; redelivery later");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
-                    .await;
-            }
+        }
+    };
+    match applied {
+        Ok(()) => {
+            core.metrics.event_applied(event.kind().as_str());
+            let _ = msg.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, error = %e, "applying event failed; redelivery later");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                .await;
         }
     }
 }
 
-/// Applies one event (the unit tests and benchmarks call it directly too).
-pub async fn apply(core: &Core, event: &RoomEvent, seq: u64) -> Result<(), ApiError> {
+/// Applies one event of stream epoch `epoch` (tests and benchmarks call it directly too).
+pub async fn apply(core: &Arc<Core>, event: &RoomEvent, seq: u64, epoch: u64) -> Result<(), ApiError> {
     let room = event.room;
     match &event.event {
         Event::VoiceJoined(j) => {
+            set_voice(core, room, &j.user, seq, epoch, Some(j.flags)).await?;
             fire_pending_move(core, event.guild, room, &j.user).await;
-            set_voice(core, room, &j.user, seq, Some(j.flags)).await
+            Ok(())
         }
-        Event::VoiceLeft(l) => set_voice(core, room, &l.user, seq, None).await,
-        Event::VoiceUpdated(u) => set_voice(core, room, &u.user, seq, Some(u.flags)).await,
+        Event::VoiceLeft(l) => set_voice(core, room, &l.user, seq, epoch, None).await,
+        Event::VoiceUpdated(u) => set_voice(core, room, &u.user, seq, epoch, Some(u.flags)).await,
         Event::ChannelDeleted(_) => {
-            if core.record(room).await?.is_some() {
-                finish_room(core, room, CloseReason::ChannelDeleted, true).await?;
+            // Claimed here (durably: a lease another replica takes over if this one dies), the
+            // Discord side in the background.
+            if let Some(rec) = claim_deletion(core, room, CloseReason::ChannelDeleted, true).await? {
+                let core2 = core.clone();
+                core.spawn_job("delete room", async move {
+                    if let Err(e) = complete_deletion(&core2, rec).await {
+                        tracing::warn!(room = %room, error = %e, "deleting a room whose channel was deleted failed; the cleanup scan retries");
+                    }
+                });
             }
             Ok(())
         }
@@ -131,28 +236,33 @@ pub async fn apply(core: &Core, event: &RoomEvent, seq: u64) -> Result<(), ApiEr
 
 /// Sets (`Some(flags)`) or clears (`None`) the user's presence in the room's channel.
 async fn set_voice(
-    core: &Core,
+    core: &Arc<Core>,
     room: RoomId,
     user: &UserRef,
     seq: u64,
-    flags: Option<voicerooms_contract::event::VoiceFlags>,
+    epoch: u64,
+    flags: Option<VoiceFlags>,
 ) -> Result<(), ApiError> {
     let now = now_ms();
     let uid = user.id.to_string();
-    let (cancelled, _) = store::update::<RoomRecord, Option<GuildId>, ApiError, _>(
-        &core.rooms,
-        &subject::room_key(room),
-        |cur| {
+    let (cancelled, _) = core
+        .change_room(room, |cur| {
             let Some(mut r) = cur else {
-                return Ok(Change::Keep(None));
+                return Ok(Change::Keep(false));
             };
+            if r.stream_epoch != Some(epoch) {
+                // Sequences of another stream epoch say nothing about this one.
+                r.voice_seq.clear();
+                r.view.seq = 0;
+                r.stream_epoch = Some(epoch);
+            }
             if r.voice_seq.get(&uid).is_some_and(|s| *s >= seq) {
-                return Ok(Change::Keep(None));
+                return Ok(Change::Keep(false));
             }
             r.voice_seq.insert(uid.clone(), seq);
             r.view.voice.retain(|o| o.user.id != user.id);
             if let Some(flags) = flags {
-                let member = r.view_members_contains(user.id);
+                let member = is_member(&r, user.id);
                 r.view.voice.push(VoiceOccupant {
                     user: user.clone(),
                     flags,
@@ -160,31 +270,37 @@ async fn set_voice(
                 });
             }
             r.view.last_activity = now;
-            r.view.seq = r.view.seq.max(seq);
+            outbox::record_seq(&mut r, seq, Some(epoch));
             trim_voice_seq(&mut r);
-            let mut cancelled = None;
+            let mut cancelled = false;
             if flags.is_some() && r.view.state == RoomState::Closing {
                 r.view.state = RoomState::Open;
                 r.view.closing_deadline = None;
-                cancelled = Some(r.view.guild);
+                outbox::queue(
+                    &mut r,
+                    Event::RoomClosingCancelled(RoomClosingCancelled {
+                        by: Some(user.clone()),
+                    }),
+                )?;
+                cancelled = true;
             }
             Ok(Change::Put(r, cancelled))
-        },
-    )
-    .await??;
-    if let Some(guild) = cancelled {
+        })
+        .await?;
+    if cancelled {
         tracing::info!(room = %room, user = %user.id, "closing cancelled: someone joined voice");
-        let ev = Event::RoomClosingCancelled(RoomClosingCancelled {
-            by: Some(user.clone()),
-        });
-        let seq = core.publish(guild, room, ev, None).await?;
-        core.bump_seq(room, seq).await?;
+        core.flush(room).await;
     }
     Ok(())
 }
 
+fn is_member(r: &RoomRecord, user: UserId) -> bool {
+    r.view.members.iter().any(|m| m.user.id == user)
+}
+
 fn trim_voice_seq(r: &mut RoomRecord) {
-    if r.voice_seq.len() <= MAX_VOICE_SEQ {
+    let excess = r.voice_seq.len().saturating_sub(MAX_VOICE_SEQ);
+    if excess == 0 {
         return;
     }
     let present: Vec<String> = r.view.voice.iter().map(|o| o.user.id.to_string()).collect();
@@ -195,14 +311,14 @@ fn trim_voice_seq(r: &mut RoomRecord) {
         .map(|(k, v)| (k.clone(), *v))
         .collect();
     absent.sort_by_key(|(_, s)| *s);
-    let excess = r.voice_seq.len() - MAX_VOICE_SEQ;
     for (k, _) in absent.into_iter().take(excess) {
         r.voice_seq.remove(&k);
     }
 }
 
-/// Fires the user's pending move, if they have one for another channel of this guild.
-async fn fire_pending_move(core: &Core, guild: GuildId, joined: RoomId, user: &UserRef) {
+/// Fires the user's pending move, if they have one for another channel of this guild: claimed
+/// here, the move itself in the background.
+async fn fire_pending_move(core: &Arc<Core>, guild: GuildId, joined: RoomId, user: &UserRef) {
     let key = pending_key(guild, user.id);
     let Ok(Some((pending, revision))) = store::get::<PendingMove>(&core.state, &key).await else {
         return;
@@ -227,25 +343,39 @@ async fn fire_pending_move(core: &Core, guild: GuildId, joined: RoomId, user: &U
             .placement_fired("already_there", pending.registered_at);
         return;
     }
-    match core
-        .discord
-        .move_member(guild.get(), user.id.get(), Some(pending.room.get()))
-        .await
-    {
-        Ok(()) => {
-            core.metrics.placement_fired("moved", pending.registered_at);
-            tracing::info!(user = %user.id, room = %pending.room, waited_ms = now_ms().saturating_sub(pending.registered_at), "pending move fired");
+    let (core2, user) = (core.clone(), user.clone());
+    core.spawn_job("pending move", async move {
+        match core2
+            .discord
+            .move_member(guild.get(), user.id.get(), Some(pending.room.get()))
+            .await
+        {
+            Ok(()) => {
+                core2.metrics.placement_fired("moved", pending.registered_at);
+                tracing::info!(user = %user.id, room = %pending.room, waited_ms = now_ms().saturating_sub(pending.registered_at), "pending move fired");
+            }
+            Err(e) => {
+                core2
+                    .metrics
+                    .placement_fired("failed", pending.registered_at);
+                tracing::warn!(user = %user.id, room = %pending.room, error = %e, "pending move failed");
+            }
         }
-        Err(e) => {
-            core.metrics
-                .placement_fired("failed", pending.registered_at);
-            tracing::warn!(user = %user.id, room = %pending.room, error = %e, "pending move failed");
-        }
-    }
+    });
 }
 
-impl RoomRecord {
-    fn view_members_contains(&self, user: UserId) -> bool {
-        self.view.members.iter().any(|m| m.user.id == user)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_room_always_goes_to_the_same_lane_and_rooms_spread() {
+        let a = lane_of("rooms.1.100.voice.joined", 16);
+        assert_eq!(a, lane_of("rooms.1.100.voice.left", 16));
+        let lanes: std::collections::HashSet<usize> = (0..200)
+            .map(|r| lane_of(&format!("rooms.1.{r}.voice.joined"), 16))
+            .collect();
+        assert!(lanes.len() > 8, "{lanes:?}");
+        assert_eq!(lane_of("garbage", 0), 0);
     }
 }

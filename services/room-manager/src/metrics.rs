@@ -1,7 +1,7 @@
 //! room-manager's metrics (besides the Discord client's and the platform's).
 
 use std::sync::atomic::AtomicI64;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,6 +32,17 @@ pub struct Metrics {
     pub rooms: Family<Labels, Gauge<i64, AtomicI64>>,
     /// Rooms deleted, by reason.
     pub deleted: Family<Labels, Counter>,
+    /// Room events applied by the consumer, by kind.
+    pub events_applied: Family<Labels, Counter>,
+    /// Room events delivered more than once (an ack that did not arrive in time).
+    pub events_redelivered: Counter,
+    /// Failed creates whose Discord objects are still queued for deletion (last pass).
+    pub cleanup_pending: Gauge<i64, AtomicI64>,
+    /// Reconciler passes completed, and what they did.
+    pub reconcile_passes: Counter,
+    pub reconcile_actions: Family<Labels, Counter>,
+    /// Unaccounted Discord objects seen by the last pass, waiting for their grace period.
+    pub reconcile_suspects: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -42,6 +53,12 @@ impl Default for Metrics {
             pending_fired: Family::new_with_constructor(latency_histogram),
             rooms: Family::default(),
             deleted: Family::default(),
+            events_applied: Family::default(),
+            events_redelivered: Counter::default(),
+            cleanup_pending: Gauge::default(),
+            reconcile_passes: Counter::default(),
+            reconcile_actions: Family::default(),
+            reconcile_suspects: Gauge::default(),
         }
     }
 }
@@ -73,6 +90,66 @@ impl Metrics {
             "Rooms deleted by reason",
             self.deleted.clone(),
         );
+        r.register(
+            "room_events_applied",
+            "Room events applied by the consumer, by kind",
+            self.events_applied.clone(),
+        );
+        r.register(
+            "room_events_redelivered",
+            "Room events delivered again because their ack did not arrive in time",
+            self.events_redelivered.clone(),
+        );
+        r.register(
+            "room_cleanup_pending",
+            "Failed creates whose Discord objects are still queued for deletion",
+            self.cleanup_pending.clone(),
+        );
+        r.register(
+            "reconcile_passes",
+            "Reconciler passes completed",
+            self.reconcile_passes.clone(),
+        );
+        r.register(
+            "reconcile_actions",
+            "What the reconciler did: rolled_back, adopted, deleted, closed",
+            self.reconcile_actions.clone(),
+        );
+        r.register(
+            "reconcile_suspects",
+            "Unaccounted Discord objects waiting for the reconciler's grace period",
+            self.reconcile_suspects.clone(),
+        );
+    }
+
+    pub fn event_applied(&self, kind: &str) {
+        self.events_applied
+            .get_or_create(&vec![("kind".into(), kind.into())])
+            .inc();
+    }
+
+    pub fn event_redelivered(&self) {
+        self.events_redelivered.inc();
+    }
+
+    pub fn set_cleanup_pending(&self, n: usize) {
+        self.cleanup_pending.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn reconciled(&self, report: &crate::reconcile::Report) {
+        for (action, n) in [
+            ("rolled_back", report.rolled_back),
+            ("adopted", report.adopted),
+            ("deleted", report.deleted),
+            ("closed", report.closed),
+        ] {
+            self.reconcile_actions
+                .get_or_create(&vec![("action".into(), action.into())])
+                .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+        }
+        self.reconcile_suspects
+            .set(i64::try_from(report.suspects).unwrap_or(i64::MAX));
+        self.reconcile_passes.inc();
     }
 
     pub fn op(&self, op: &str, outcome: &str, started: Instant) {
@@ -93,7 +170,7 @@ impl Metrics {
     pub fn placement_fired(&self, outcome: &str, registered_at: Millis) {
         self.pending_fired
             .get_or_create(&vec![("outcome".into(), outcome.into())])
-            .observe(now_ms().saturating_sub(registered_at) as f64 / 1000.0);
+            .observe(Duration::from_millis(now_ms().saturating_sub(registered_at)).as_secs_f64());
     }
 
     pub fn rooms_deleted(&self, reason: CloseReason) {

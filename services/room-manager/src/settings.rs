@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use voicerooms_platform::settings::{positive, CheckSettings, DiscordSettings};
+use voicerooms_contract::GuildId;
 use voicerooms_platform::{Secret, SettingsError};
 
 /// The sections this service reads besides the common ones.
@@ -47,6 +48,13 @@ pub struct RoomsSettings {
     pub reconcile_interval_ms: u64,
     /// How long a replica holds a room while deleting it before another may take over.
     pub lease_ms: u64,
+    /// The reconciler never closes a room younger than this, and deletes a Discord object only
+    /// after it has been unaccounted for (no room, no create in progress) for at least this long.
+    pub reconcile_grace_ms: u64,
+    /// Guilds rooms may be created in, comma separated. A create naming any other guild is
+    /// refused with `validation` before any Discord call. Empty: the simulator's seeded guild
+    /// when no bot token is configured (the dev stack); with a token it must be set.
+    pub guilds: String,
 }
 
 impl Default for RoomsSettings {
@@ -61,6 +69,8 @@ impl Default for RoomsSettings {
             create_timeout_ms: 60_000,
             reconcile_interval_ms: 600_000,
             lease_ms: 30_000,
+            reconcile_grace_ms: 60_000,
+            guilds: String::new(),
         }
     }
 }
@@ -82,7 +92,25 @@ impl CheckSettings for RoomsSettings {
         positive("rooms.pending_move_window_ms", self.pending_move_window_ms)?;
         positive("rooms.create_timeout_ms", self.create_timeout_ms)?;
         positive("rooms.reconcile_interval_ms", self.reconcile_interval_ms)?;
-        positive("rooms.lease_ms", self.lease_ms)
+        positive("rooms.lease_ms", self.lease_ms)?;
+        positive("rooms.reconcile_grace_ms", self.reconcile_grace_ms)?;
+        self.guild_list().map(|_| ())
+    }
+}
+
+impl RoomsSettings {
+    /// The configured guild allow-list (may be empty; see [`RoomsSettings::guilds`]).
+    pub fn guild_list(&self) -> Result<Vec<GuildId>, SettingsError> {
+        self.guilds
+            .split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                GuildId::parse(g).map_err(|_| {
+                    SettingsError::invalid("rooms.guilds", format!("{g:?} is not a guild id"))
+                })
+            })
+            .collect()
     }
 }
 
@@ -142,6 +170,18 @@ pub struct TuningSettings {
     pub max_inflight_commands: usize,
     /// Name of the durable JetStream consumer shared by all replicas.
     pub consumer: String,
+    /// Lanes applying room events in parallel (events of one room always go to the same lane,
+    /// in stream order).
+    pub event_lanes: usize,
+    /// Discord work done in the background (pending moves, deleting a closed room's channel and
+    /// role) at once per replica; more waits.
+    pub max_background_jobs: usize,
+    /// How often the durable cleanup queue (Discord objects a failed create could not delete) is
+    /// retried, and how often unpublished room events (the outbox) are looked for.
+    pub retry_interval_ms: u64,
+    /// First delay before a failed long-running task (room API, event consumer, loops) is
+    /// restarted; doubles up to 30 s.
+    pub restart_backoff_ms: u64,
 }
 
 impl Default for TuningSettings {
@@ -155,6 +195,10 @@ impl Default for TuningSettings {
             max_queued_requests: 1_024,
             max_inflight_commands: 256,
             consumer: "room-manager".into(),
+            event_lanes: 16,
+            max_background_jobs: 64,
+            retry_interval_ms: 5_000,
+            restart_backoff_ms: 1_000,
         }
     }
 }
@@ -181,6 +225,18 @@ impl CheckSettings for TuningSettings {
             "room_manager.max_inflight_commands",
             self.max_inflight_commands as u64,
         )?;
+        if self.event_lanes == 0 || self.event_lanes > 256 {
+            return Err(SettingsError::invalid(
+                "room_manager.event_lanes",
+                "must be 1-256",
+            ));
+        }
+        positive(
+            "room_manager.max_background_jobs",
+            self.max_background_jobs as u64,
+        )?;
+        positive("room_manager.retry_interval_ms", self.retry_interval_ms)?;
+        positive("room_manager.restart_backoff_ms", self.restart_backoff_ms)?;
         if self.consumer.is_empty()
             || !self
                 .consumer

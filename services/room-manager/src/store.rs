@@ -4,11 +4,18 @@
 //!   contract's `RoomView` (what the edge reads as the snapshot, with `seq`) plus room-manager's
 //!   own fields (invite id, deletion lease, per-user voice sequence). Extra fields are ignored by
 //!   anyone decoding a `RoomView`.
+//!   Its `outbox` holds the room's events not yet confirmed stored in `ROOMS`: a state change and
+//!   the events it causes are written in the same compare-and-set (see [`crate::outbox`]).
 //! - Bucket `room_manager` ([`STATE_BUCKET`]):
 //!   - `owner.<user id>`: [`OwnerIndex`] — the rooms a user owns, their creates in progress (the
 //!     crash-safe intent the reconciler rolls back) and recent idempotency keys;
 //!   - `pending.<guild id>.<user id>`: [`PendingMove`] — move this user into the room's channel
 //!     the moment they connect to voice in that guild.
+//! - Bucket `room_manager_cleanup` ([`CLEANUP_BUCKET`]), key `<nonce>`: [`CleanupEntry`] —
+//!   Discord objects of a failed create that could not be deleted yet (the durable cleanup
+//!   queue, retried by every replica).
+//! - Bucket `room_manager_replicas` ([`REPLICAS_BUCKET`]), key `<instance>`: [`ReplicaBeat`] —
+//!   live replicas, so each takes its share of the bot's rate limits.
 //!
 //! [`update`] is the one way to change an entry: read, apply a closure, write with the revision
 //! read; on a lost race, read again (bounded attempts).
@@ -23,10 +30,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use voicerooms_contract::command::RoomView;
 use voicerooms_contract::event::CloseReason;
-use voicerooms_contract::{ApiError, ErrorCode, GuildId, Millis, RoomId, UserId};
+use voicerooms_contract::{ApiError, ErrorCode, GuildId, Millis, RoomEvent, RoomId, UserId};
 
 /// room-manager's own bucket.
 pub const STATE_BUCKET: &str = "room_manager";
+/// The durable cleanup queue.
+pub const CLEANUP_BUCKET: &str = "room_manager_cleanup";
+/// Replica heartbeats.
+pub const REPLICAS_BUCKET: &str = "room_manager_replicas";
 /// Attempts of one compare-and-set loop (enough for 50 replicas' worth of contention).
 const MAX_CAS_ATTEMPTS: u32 = 200;
 /// Most idempotency keys remembered per user.
@@ -48,6 +59,27 @@ pub struct RoomRecord {
     /// Sequence of the last voice event applied per user: an older event for that user is stale.
     #[serde(default)]
     pub voice_seq: BTreeMap<String, u64>,
+    /// Identity of the `ROOMS` stream `view.seq` and `voice_seq` count in (its creation time).
+    /// When the stream is recreated its sequences restart, so both are reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_epoch: Option<u64>,
+    /// The create's nonce (the `vr-<nonce>` tag of the role's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Events written with the state, not yet confirmed stored in `ROOMS` (oldest first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<RoomEvent>,
+    /// Number of events this room has queued so far: the next event's id is
+    /// `rm:<room>:<next_event>` (its `Nats-Msg-Id`).
+    #[serde(default)]
+    pub next_event: u64,
+    /// Set once `room.deleted` is queued (the room is gone in Discord).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted_queued: bool,
+    /// A fence the reconciler wrote to stop an abandoned create from committing: the room was
+    /// never announced, so its deletion publishes nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fence: bool,
 }
 
 /// A replica's claim on a room while it deletes it.
@@ -71,6 +103,36 @@ pub struct CreateSlot {
     pub role: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<u64>,
+    /// The room's name (the reconciler needs it to fence an abandoned create).
+    #[serde(default)]
+    pub name: String,
+}
+
+/// Discord objects a failed create left behind, to be deleted (the durable cleanup queue).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanupEntry {
+    pub guild: GuildId,
+    /// The create's nonce: its role is named `vr-<nonce> …`, its channel names that role.
+    pub nonce: String,
+    /// The role's name, looked up to find a role whose create answer was lost.
+    pub role_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<u64>,
+    pub queued_at: Millis,
+    /// Until when an object whose create answer was lost may still appear (`None`: not yet
+    /// decided; set when queued). The role is kept until then: it is how its channel is found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_at: Option<Millis>,
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// A replica's heartbeat: it is live until `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaBeat {
+    pub until: Millis,
 }
 
 /// A finished create remembered by its idempotency key.
@@ -99,9 +161,8 @@ impl OwnerIndex {
                 key: key.to_owned(),
                 room,
             });
-            while self.recent.len() > MAX_RECENT_KEYS {
-                self.recent.remove(0);
-            }
+            let excess = self.recent.len().saturating_sub(MAX_RECENT_KEYS);
+            self.recent.drain(..excess);
         }
     }
 }
@@ -237,8 +298,9 @@ where
                 // Lost the race: someone else wrote first. Read again, with a little jitter so
                 // many contenders spread out.
                 if attempt > 2 {
-                    let jitter = rand::random::<u64>() % (1 + u64::from(attempt.min(20)));
-                    tokio::time::sleep(Duration::from_micros(200 * jitter)).await;
+                    let spread = 1u64.saturating_add(u64::from(attempt.min(20)));
+                    let jitter = rand::random::<u64>().checked_rem(spread).unwrap_or(0);
+                    tokio::time::sleep(Duration::from_micros(jitter.saturating_mul(200))).await;
                 }
             }
             Err(Err(reason)) => return Err(StoreError::Unavailable(reason)),

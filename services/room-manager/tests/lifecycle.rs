@@ -37,6 +37,7 @@ async fn fifty_concurrent_joins_through_two_replicas_never_overbook_a_room_in_a_
             let cmd = JoinRoom {
                 requester: p.clone(),
                 invite: created.invite.token.clone(),
+                room: None,
             };
             joins.push(tokio::spawn(async move {
                 request::<_, Joined>(&client, CommandKind::Join, &cmd).await
@@ -264,6 +265,7 @@ async fn a_replica_killed_in_the_middle_of_a_create_leaves_no_orphans_after_reco
         .env("VOICEROOMS__DISCORD__TOKEN", "sim-bot-token")
         .env("VOICEROOMS__INVITES__SECRET", SECRET)
         .env("VOICEROOMS__ROOMS__CREATE_TIMEOUT_MS", "300")
+        .env("VOICEROOMS__ROOMS__GUILDS", GUILD.to_string())
         .env("VOICEROOMS__LOG__LEVEL", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -401,22 +403,28 @@ async fn a_replica_killed_in_the_middle_of_a_create_leaves_no_orphans_after_reco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_closes_a_room_whose_channel_vanished_while_nobody_listened() {
-    let env = Env::start(1, quiet_rooms(), false).await;
+    let rooms = RoomsSettings {
+        reconcile_grace_ms: 200,
+        ..quiet_rooms()
+    };
+    let env = Env::start(1, rooms, false).await;
     let alice = seeded(0);
     let created = env.create(&alice, "vanishing").await.unwrap();
     let room = created.room.id;
     // Deleted in Discord, but no channel.deleted event reaches room-manager (gateway down).
     env.sim.delete_channel(room.get()).unwrap();
     let core = env.replicas[0].app_core.clone();
+    let reconciler = room_manager::reconcile::Reconciler::default();
+    // Younger than the grace period: left alone.
+    let young = reconciler.pass(&core).await.expect("reconcile");
+    assert_eq!(young.closed, 0, "a room younger than the grace period is never closed");
+    assert!(core.record(room).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(250)).await;
 
-    let removed = room_manager::cleanup::reconcile(&core)
-        .await
-        .expect("reconcile");
+    let report = reconciler.pass(&core).await.expect("reconcile");
 
-    assert_eq!(
-        removed, 0,
-        "nothing orphaned: the room still owned its role"
-    );
+    assert_eq!(report.closed, 1, "{report:?}");
+    assert_eq!(report.deleted, 0, "nothing orphaned: the room still owned its role");
     let deleted = env
         .wait_for_event(room, EventKind::RoomDeleted, "room.deleted")
         .await;

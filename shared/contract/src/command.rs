@@ -34,6 +34,10 @@ pub struct CreateRoom {
 pub struct JoinRoom {
     pub requester: UserRef,
     pub invite: String,
+    /// The room the invite link names, when the caller knows it (the link's URL): a valid
+    /// token for another room is then refused with `invite_wrong_room` instead of joining it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<RoomId>,
 }
 
 /// Commands that name a room: leave, close, get, rotate_invite.
@@ -475,6 +479,12 @@ mod tests {
         round_trip(JoinRoom {
             requester: requester(),
             invite: "eyJhbGciOiJIUzI1NiJ9.eyJyIjoiMSJ9.c2ln".into(),
+            room: None,
+        });
+        round_trip(JoinRoom {
+            requester: requester(),
+            invite: "eyJhbGciOiJIUzI1NiJ9.eyJyIjoiMSJ9.c2ln".into(),
+            room: Some(RoomId::new(2).unwrap()),
         });
         round_trip(RoomCommand {
             requester: requester(),

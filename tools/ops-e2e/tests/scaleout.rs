@@ -495,6 +495,7 @@ async fn the_system_survives_losing_one_of_everything_without_losing_an_event() 
                 &JoinRoom {
                     requester: j,
                     invite,
+                    room: None,
                 },
             )
             .await

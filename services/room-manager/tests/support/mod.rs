@@ -30,6 +30,7 @@ pub const GUILD: u64 = seed::GUILD_ID;
 pub struct Replica {
     pub port: u16,
     pub app_core: std::sync::Arc<room_manager::rooms::Core>,
+    pub health: room_manager::supervisor::Health,
     stop: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -63,7 +64,10 @@ pub fn sim_config(rate_limits: bool) -> SimConfig {
     c
 }
 
-pub fn settings(nats_url: &str, api: &str, instance: &str, rooms: RoomsSettings) -> Settings {
+pub fn settings(nats_url: &str, api: &str, instance: &str, mut rooms: RoomsSettings) -> Settings {
+    if rooms.guilds.is_empty() {
+        rooms.guilds = GUILD.to_string();
+    }
     let mut common = CommonSettings::with_port(0);
     common.nats.url = nats_url.to_owned();
     common.instance = instance.to_owned();
@@ -82,6 +86,8 @@ pub fn settings(nats_url: &str, api: &str, instance: &str, rooms: RoomsSettings)
             },
             room_manager: TuningSettings {
                 retry_base_ms: 20,
+                request_timeout_ms: 3_000,
+                retry_interval_ms: 300,
                 ..TuningSettings::default()
             },
         },
@@ -168,6 +174,7 @@ impl Env {
             &JoinRoom {
                 requester: user.clone(),
                 invite: invite.into(),
+                room: None,
             },
         )
         .await
@@ -325,6 +332,7 @@ pub async fn start_replica(s: Settings) -> Replica {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let port = app.port();
+    let health = app.health();
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
@@ -333,6 +341,7 @@ pub async fn start_replica(s: Settings) -> Replica {
     Replica {
         port,
         app_core: core.expect("core"),
+        health,
         stop: Some(tx),
         handle,
     }
@@ -372,35 +381,69 @@ pub fn seeded(i: usize) -> UserRef {
     user(id, name)
 }
 
-/// A channel as the simulator's REST API shows it (with the bot token).
+/// The guild as the simulator holds it (no REST call: no rate limit, nothing in its log).
+fn guild_state(sim: &SimHandle) -> serde_json::Value {
+    sim.snapshot()["guilds"]
+        .as_array()
+        .and_then(|gs| {
+            gs.iter()
+                .find(|g| g["id"].as_str() == Some(GUILD.to_string().as_str()))
+                .cloned()
+        })
+        .expect("the test guild")
+}
+
+fn id_of(v: &serde_json::Value) -> Option<u64> {
+    v["id"].as_str().and_then(|s| s.parse().ok())
+}
+
+/// A channel as the simulator holds it.
 pub async fn get_channel(sim: &SimHandle, channel: u64) -> Option<serde_json::Value> {
-    let resp = reqwest::Client::new()
-        .get(format!("{}/channels/{channel}", sim.api_url()))
-        .header("Authorization", "Bot sim-bot-token")
-        .send()
-        .await
-        .expect("GET channel");
-    if resp.status().is_success() {
-        Some(resp.json().await.expect("channel json"))
-    } else {
-        None
-    }
+    guild_state(sim)["channels"]
+        .as_array()?
+        .iter()
+        .find(|c| id_of(c) == Some(channel))
+        .cloned()
 }
 
 /// Role ids of the guild.
 pub async fn role_ids(sim: &SimHandle) -> Vec<u64> {
-    let roles: Vec<serde_json::Value> = reqwest::Client::new()
-        .get(format!("{}/guilds/{GUILD}/roles", sim.api_url()))
-        .header("Authorization", "Bot sim-bot-token")
-        .send()
-        .await
-        .expect("GET roles")
-        .json()
-        .await
-        .expect("roles json");
-    roles
-        .iter()
-        .filter_map(|r| r["id"].as_str().and_then(|s| s.parse().ok()))
+    let mut ids: Vec<u64> = roles(sim).iter().filter_map(id_of).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Roles of the guild (id, name, …).
+pub fn roles(sim: &SimHandle) -> Vec<serde_json::Value> {
+    guild_state(sim)["roles"].as_array().cloned().unwrap_or_default()
+}
+
+/// Channels of the guild.
+pub fn channels(sim: &SimHandle) -> Vec<serde_json::Value> {
+    guild_state(sim)["channels"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Channels that are not the seeded ones (Lobby, Gaming, general).
+pub fn room_channels(sim: &SimHandle) -> Vec<serde_json::Value> {
+    channels(sim)
+        .into_iter()
+        .filter(|c| {
+            !matches!(
+                id_of(c),
+                Some(seed::LOBBY_CHANNEL_ID | seed::GAMING_CHANNEL_ID | seed::TEXT_CHANNEL_ID)
+            )
+        })
+        .collect()
+}
+
+/// Roles made by room-manager (`vr-<nonce> …`).
+pub fn tagged_roles(sim: &SimHandle) -> Vec<serde_json::Value> {
+    roles(sim)
+        .into_iter()
+        .filter(|r| r["name"].as_str().is_some_and(|n| n.starts_with("vr-")))
         .collect()
 }
 
