@@ -131,10 +131,9 @@ pub async fn serve(
             }
         } else {
             // Bounded: an endpoint whose subscription did not end is not waited for.
-            match tokio::time::timeout(std::time::Duration::from_secs(1), requests.next()).await {
-                Ok(n) => n,
-                Err(_) => None,
-            }
+            tokio::time::timeout(std::time::Duration::from_secs(1), requests.next())
+                .await
+                .unwrap_or_default()
         };
         let Some((kind, request)) = next else { break };
         let Ok(permit) = limit.clone().acquire_owned().await else {

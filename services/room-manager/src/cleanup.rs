@@ -40,10 +40,7 @@ pub async fn run_cleanup(core: Arc<Core>, token: CancellationToken) -> anyhow::R
 pub async fn scan(core: &Arc<Core>) -> Result<(), ApiError> {
     let now = now_ms();
     let mut by_state = [0i64; 4];
-    for key in store::keys(&core.rooms, MAX_SCAN).await? {
-        let Some((rec, _)) = store::get::<RoomRecord>(&core.rooms, &key).await? else {
-            continue;
-        };
+    for (_, rec, _) in store::scan::<RoomRecord>(&core.rooms, "", MAX_SCAN).await? {
         let room = rec.view.id;
         if let Some(n) = by_state.get_mut(state_index(rec.view.state)) {
             *n = n.saturating_add(1);
@@ -68,6 +65,7 @@ pub async fn scan(core: &Arc<Core>) -> Result<(), ApiError> {
         }
     }
     core.metrics.set_rooms_by_state(by_state);
+    core.metrics.cleanup_scans.inc();
     Ok(())
 }
 

@@ -134,20 +134,14 @@ pub async fn run(
 /// The lane of a room: a hash of its subject's room token, so a room's events stay in order.
 fn lane_of(subject: &str, lanes: usize) -> usize {
     let room = subject.split('.').nth(2).unwrap_or(subject);
-    let hash = room
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+    let hash = room.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
     let lanes = u64::try_from(lanes.max(1)).unwrap_or(1);
     usize::try_from(hash.checked_rem(lanes).unwrap_or(0)).unwrap_or(0)
 }
 
-async fn lane(
-    core: Arc<Core>,
-    mut rx: mpsc::Receiver<async_nats::jetstream::Message>,
-    epoch: u64,
-) {
+async fn lane(core: Arc<Core>, mut rx: mpsc::Receiver<async_nats::jetstream::Message>, epoch: u64) {
     while let Some(msg) = rx.recv().await {
         handle(&core, msg, epoch).await;
     }
@@ -170,7 +164,8 @@ async fn handle(core: &Arc<Core>, msg: async_nats::jetstream::Message, epoch: u6
         }
     };
     // The event's trace goes on here: from the headers, or the copy in the payload.
-    let span = tracing::info_span!("roommgr.apply", kind = event.kind().as_str(), room = %event.room, seq);
+    let span =
+        tracing::info_span!("roommgr.apply", kind = event.kind().as_str(), room = %event.room, seq);
     voicerooms_platform::telemetry::extract_or_traceparent(
         &span,
         msg.headers.as_ref(),
@@ -178,10 +173,8 @@ async fn handle(core: &Arc<Core>, msg: async_nats::jetstream::Message, epoch: u6
     );
     let applying = apply(core, &event, seq, epoch).instrument(span);
     tokio::pin!(applying);
-    let mut progress = tokio::time::interval_at(
-        tokio::time::Instant::now() + ACK_WAIT / 3,
-        ACK_WAIT / 3,
-    );
+    let mut progress =
+        tokio::time::interval_at(tokio::time::Instant::now() + ACK_WAIT / 3, ACK_WAIT / 3);
     let applied = loop {
         tokio::select! {
             r = &mut applying => break r,
@@ -206,7 +199,12 @@ async fn handle(core: &Arc<Core>, msg: async_nats::jetstream::Message, epoch: u6
 }
 
 /// Applies one event of stream epoch `epoch` (tests and benchmarks call it directly too).
-pub async fn apply(core: &Arc<Core>, event: &RoomEvent, seq: u64, epoch: u64) -> Result<(), ApiError> {
+pub async fn apply(
+    core: &Arc<Core>,
+    event: &RoomEvent,
+    seq: u64,
+    epoch: u64,
+) -> Result<(), ApiError> {
     let room = event.room;
     match &event.event {
         Event::VoiceJoined(j) => {
@@ -219,7 +217,8 @@ pub async fn apply(core: &Arc<Core>, event: &RoomEvent, seq: u64, epoch: u64) ->
         Event::ChannelDeleted(_) => {
             // Claimed here (durably: a lease another replica takes over if this one dies), the
             // Discord side in the background.
-            if let Some(rec) = claim_deletion(core, room, CloseReason::ChannelDeleted, true).await? {
+            if let Some(rec) = claim_deletion(core, room, CloseReason::ChannelDeleted, true).await?
+            {
                 let core2 = core.clone();
                 core.spawn_job("delete room", async move {
                     if let Err(e) = complete_deletion(&core2, rec).await {

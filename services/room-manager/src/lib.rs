@@ -186,7 +186,7 @@ impl Application {
             builder.tasks().spawn(async move {
                 let js = async_nats::jetstream::new(client.clone());
                 let mut delay = Duration::from_millis(100);
-                let (buckets, replicas) = loop {
+                let buckets = loop {
                     let setup = async {
                         nats::ensure_rooms_stream(&js, &nats_settings).await?;
                         let r = nats_settings.replicas;
@@ -197,8 +197,7 @@ impl Application {
                             tokens: nats::ensure_kv(&js, subject::OAUTH_TOKENS_BUCKET, 1, r)
                                 .await?,
                         };
-                        let replicas = nats::ensure_kv(&js, store::REPLICAS_BUCKET, 1, r).await?;
-                        anyhow::Ok((buckets, replicas))
+                        anyhow::Ok(buckets)
                     };
                     match setup.await {
                         Ok(v) => break v,
@@ -211,7 +210,7 @@ impl Application {
                     delay = delay.saturating_mul(2).min(Duration::from_secs(5));
                 };
                 // Known to the others before the first Discord call (the rate-limit share).
-                match replicas::beat(&replicas, &instance).await {
+                match replicas::beat(&buckets.state, &instance, true).await {
                     Ok(n) => discord.replicas().store(n, Ordering::Relaxed),
                     Err(e) => tracing::warn!(error = %e, "first replica heartbeat failed"),
                 }
@@ -231,7 +230,7 @@ impl Application {
                     shutdown: token2.clone(),
                 });
                 let _ = cell.set(core.clone());
-                start_components(&supervisor, &core, &client, replicas, &svc);
+                start_components(&supervisor, &core, &client, &svc);
                 done.store(true, Ordering::SeqCst);
             });
         }
@@ -276,7 +275,6 @@ fn start_components(
     supervisor: &Supervisor,
     core: &Arc<Core>,
     client: &async_nats::Client,
-    replicas_bucket: async_nats::jetstream::kv::Store,
     svc: &RoomManagerSettings,
 ) {
     let token = core.shutdown.clone();
@@ -289,7 +287,10 @@ fn start_components(
     }
     {
         let (core, token) = (core.clone(), token.clone());
-        let (durable, lanes) = (svc.room_manager.consumer.clone(), svc.room_manager.event_lanes);
+        let (durable, lanes) = (
+            svc.room_manager.consumer.clone(),
+            svc.room_manager.event_lanes,
+        );
         supervisor.spawn("events", move |up| {
             events::run(core.clone(), durable.clone(), lanes, token.clone(), up)
         });
@@ -326,7 +327,7 @@ fn start_components(
     {
         let (core, token) = (core.clone(), token.clone());
         supervisor.spawn("replicas", move |up| {
-            replicas::run(core.clone(), replicas_bucket.clone(), token.clone(), up)
+            replicas::run(core.clone(), token.clone(), up)
         });
     }
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub events_redelivered: Counter,
     /// Failed creates whose Discord objects are still queued for deletion (last pass).
     pub cleanup_pending: Gauge<i64, AtomicI64>,
+    /// Idle cleanup scans completed.
+    pub cleanup_scans: Counter,
     /// Reconciler passes completed, and what they did.
     pub reconcile_passes: Counter,
     pub reconcile_actions: Family<Labels, Counter>,
@@ -56,6 +58,7 @@ impl Default for Metrics {
             events_applied: Family::default(),
             events_redelivered: Counter::default(),
             cleanup_pending: Gauge::default(),
+            cleanup_scans: Counter::default(),
             reconcile_passes: Counter::default(),
             reconcile_actions: Family::default(),
             reconcile_suspects: Gauge::default(),
@@ -106,6 +109,11 @@ impl Metrics {
             self.cleanup_pending.clone(),
         );
         r.register(
+            "room_cleanup_scans",
+            "Idle cleanup scans completed",
+            self.cleanup_scans.clone(),
+        );
+        r.register(
             "reconcile_passes",
             "Reconciler passes completed",
             self.reconcile_passes.clone(),
@@ -133,7 +141,8 @@ impl Metrics {
     }
 
     pub fn set_cleanup_pending(&self, n: usize) {
-        self.cleanup_pending.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.cleanup_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn reconciled(&self, report: &crate::reconcile::Report) {

@@ -175,10 +175,9 @@ impl Outbox {
     /// its background retry was cut by shutdown). Every replica runs it.
     pub async fn sweep(&self, core: &Core) -> Result<usize, ApiError> {
         let mut published = 0usize;
-        for key in store::keys(&core.rooms, crate::rooms::MAX_SCAN).await? {
-            let Some((rec, _)) = store::get::<RoomRecord>(&core.rooms, &key).await? else {
-                continue;
-            };
+        for (_, rec, _) in
+            store::scan::<RoomRecord>(&core.rooms, "", crate::rooms::MAX_SCAN).await?
+        {
             let Some(oldest) = rec.outbox.first() else {
                 continue;
             };
@@ -225,9 +224,9 @@ async fn publish(core: &Core, ev: &RoomEvent) -> Result<u64, ApiError> {
     Ok(ack.sequence)
 }
 
-/// Runs [`Outbox::sweep`] every `retry_interval_ms` until shutdown.
+/// Runs [`Outbox::sweep`] every `outbox_sweep_interval_ms` until shutdown.
 pub async fn run_sweeper(core: Arc<Core>, token: CancellationToken) -> anyhow::Result<()> {
-    let every = Duration::from_millis(core.tuning.retry_interval_ms);
+    let every = Duration::from_millis(core.tuning.outbox_sweep_interval_ms);
     loop {
         tokio::select! {
             _ = token.cancelled() => return Ok(()),

@@ -28,12 +28,16 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use voicerooms_contract::command::{RoomState, RoomView};
 use voicerooms_contract::event::CloseReason;
-use voicerooms_contract::{now_ms, subject, ApiError, ErrorCode, GuildId, RoleId, RoomId, UserId, UserRef};
+use voicerooms_contract::{
+    now_ms, subject, ApiError, ErrorCode, GuildId, RoleId, RoomId, UserId, UserRef,
+};
 
 use crate::discord::{Channel, Role, GUILD_VOICE};
 use crate::rooms::create::{discard, nonce_of, role_name};
 use crate::rooms::{finish_room, Core, MAX_SCAN};
-use crate::store::{self, owner_key, Change, CleanupEntry, CreateSlot, Lease, OwnerIndex, RoomRecord};
+use crate::store::{
+    self, owner_key, Change, CleanupEntry, CreateSlot, Lease, OwnerIndex, RoomRecord,
+};
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -70,22 +74,14 @@ impl Accounting {
     async fn read(core: &Core) -> Result<Self, ApiError> {
         let mut a = Accounting::default();
         // Slots first, then rooms: a create writes its room before dropping its slot.
-        for key in store::keys(&core.state, MAX_SCAN).await? {
-            if !key.starts_with("owner.") {
-                continue;
-            }
-            let Some((idx, _)) = store::get::<OwnerIndex>(&core.state, &key).await? else {
-                continue;
-            };
+        for (_, idx, _) in store::scan::<OwnerIndex>(&core.state, "owner.", MAX_SCAN).await? {
             for s in idx.creating {
                 a.slots.insert(s.nonce, (s.role, s.channel));
             }
         }
-        for key in store::keys(&core.rooms, MAX_SCAN).await? {
-            if let Some((rec, _)) = store::get::<RoomRecord>(&core.rooms, &key).await? {
-                a.room_roles.insert(rec.view.role.get());
-                a.rooms.insert(rec.view.id.get(), rec);
-            }
+        for (_, rec, _) in store::scan::<RoomRecord>(&core.rooms, "", MAX_SCAN).await? {
+            a.room_roles.insert(rec.view.role.get());
+            a.rooms.insert(rec.view.id.get(), rec);
         }
         Ok(a)
     }
@@ -155,10 +151,14 @@ impl Reconciler {
                 .chain(first.our_roles())
                 .chain(second.our_roles())
                 .collect();
+            let existing: HashSet<u64> = roles.iter().filter_map(Role::id_u64).collect();
+            let bot = core.bot_id().await.ok();
             let mut doomed_channels = Vec::new();
             for c in channels {
                 let Some(id) = c.id_u64() else { continue };
-                if c.kind != GUILD_VOICE || !c.roles().any(|r| tagged.contains(&r)) {
+                let ours = c.roles().any(|r| tagged.contains(&r))
+                    || bot.is_some_and(|b| c.is_ours_without_role(guild.get(), b, &existing));
+                if c.kind != GUILD_VOICE || !ours {
                     continue;
                 }
                 if first.channel_accounted(c, id) || second.channel_accounted(c, id) {
@@ -261,25 +261,30 @@ async fn close_vanished(
 /// Step 1: claims and rolls back (or adopts) every create slot older than `create_timeout_ms`.
 async fn expire_slots(core: &Arc<Core>, report: &mut Report) -> Result<(), ApiError> {
     let now = now_ms();
-    for key in store::keys(&core.state, MAX_SCAN).await? {
+    for (key, idx, _) in store::scan::<OwnerIndex>(&core.state, "owner.", MAX_SCAN).await? {
         let Some(user) = key
             .strip_prefix("owner.")
             .and_then(|u| UserId::parse(u).ok())
         else {
             continue;
         };
-        let Some((idx, _)) = store::get::<OwnerIndex>(&core.state, &key).await? else {
-            continue;
-        };
         for slot in idx.creating {
-            if slot.started_at.saturating_add(core.settings.create_timeout_ms) > now {
+            if slot
+                .started_at
+                .saturating_add(core.settings.create_timeout_ms)
+                > now
+            {
                 continue;
             }
             match expire_slot(core, user, &slot).await {
-                Ok(Expired::RolledBack) => report.rolled_back = report.rolled_back.saturating_add(1),
+                Ok(Expired::RolledBack) => {
+                    report.rolled_back = report.rolled_back.saturating_add(1)
+                }
                 Ok(Expired::Adopted) => report.adopted = report.adopted.saturating_add(1),
                 Ok(Expired::Gone) => {}
-                Err(e) => tracing::warn!(nonce = %slot.nonce, error = %e, "rolling back an abandoned create failed"),
+                Err(e) => {
+                    tracing::warn!(nonce = %slot.nonce, error = %e, "rolling back an abandoned create failed")
+                }
             }
         }
     }
@@ -292,7 +297,11 @@ enum Expired {
     Gone,
 }
 
-async fn expire_slot(core: &Arc<Core>, user: UserId, slot: &CreateSlot) -> Result<Expired, ApiError> {
+async fn expire_slot(
+    core: &Arc<Core>,
+    user: UserId,
+    slot: &CreateSlot,
+) -> Result<Expired, ApiError> {
     let nonce = slot.nonce.clone();
     let timeout = core.settings.create_timeout_ms;
     let (claimed, _) =
@@ -421,17 +430,31 @@ async fn adopt(core: &Core, user: UserId, slot: &CreateSlot, channel: u64) -> Re
 }
 
 /// Runs a pass at start-up and every `reconcile_interval_ms` until shutdown.
-pub async fn run(core: Arc<Core>, reconciler: Arc<Reconciler>, token: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    core: Arc<Core>,
+    reconciler: Arc<Reconciler>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
     let every = Duration::from_millis(core.settings.reconcile_interval_ms);
     loop {
+        let started = Instant::now();
         let result = tokio::select! {
             _ = token.cancelled() => return Ok(()),
             r = reconciler.pass(&core) => r,
         };
+        tracing::debug!(
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "reconcile pass done"
+        );
         match result {
             Ok(report) => {
                 core.metrics.reconciled(&report);
-                if report != Report::default() && (report.deleted > 0 || report.rolled_back > 0 || report.adopted > 0 || report.closed > 0) {
+                if report != Report::default()
+                    && (report.deleted > 0
+                        || report.rolled_back > 0
+                        || report.adopted > 0
+                        || report.closed > 0)
+                {
                     tracing::info!(?report, "reconciler acted");
                 }
             }

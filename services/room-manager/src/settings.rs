@@ -3,8 +3,8 @@
 //! tests can shrink an hour to a moment.
 
 use serde::{Deserialize, Serialize};
-use voicerooms_platform::settings::{positive, CheckSettings, DiscordSettings};
 use voicerooms_contract::GuildId;
+use voicerooms_platform::settings::{positive, CheckSettings, DiscordSettings};
 use voicerooms_platform::{Secret, SettingsError};
 
 /// The sections this service reads besides the common ones.
@@ -177,8 +177,12 @@ pub struct TuningSettings {
     /// role) at once per replica; more waits.
     pub max_background_jobs: usize,
     /// How often the durable cleanup queue (Discord objects a failed create could not delete) is
-    /// retried, and how often unpublished room events (the outbox) are looked for.
+    /// retried; also the longest wait between retries of a failed event publish.
     pub retry_interval_ms: u64,
+    /// How often each replica looks through every room for events left unpublished (a replica
+    /// died between a state change and its publish). Keep it well under
+    /// `nats.duplicate_window_secs`, so a re-publish is recognised as a duplicate.
+    pub outbox_sweep_interval_ms: u64,
     /// First delay before a failed long-running task (room API, event consumer, loops) is
     /// restarted; doubles up to 30 s.
     pub restart_backoff_ms: u64,
@@ -198,6 +202,7 @@ impl Default for TuningSettings {
             event_lanes: 16,
             max_background_jobs: 64,
             retry_interval_ms: 5_000,
+            outbox_sweep_interval_ms: 30_000,
             restart_backoff_ms: 1_000,
         }
     }
@@ -236,6 +241,10 @@ impl CheckSettings for TuningSettings {
             self.max_background_jobs as u64,
         )?;
         positive("room_manager.retry_interval_ms", self.retry_interval_ms)?;
+        positive(
+            "room_manager.outbox_sweep_interval_ms",
+            self.outbox_sweep_interval_ms,
+        )?;
         positive("room_manager.restart_backoff_ms", self.restart_backoff_ms)?;
         if self.consumer.is_empty()
             || !self

@@ -10,12 +10,12 @@
 //!   - `owner.<user id>`: [`OwnerIndex`] — the rooms a user owns, their creates in progress (the
 //!     crash-safe intent the reconciler rolls back) and recent idempotency keys;
 //!   - `pending.<guild id>.<user id>`: [`PendingMove`] — move this user into the room's channel
-//!     the moment they connect to voice in that guild.
+//!     the moment they connect to voice in that guild;
+//!   - `replicas`: live replicas (see [`crate::replicas`]);
+//!   - `consumer.<durable>`: the stream epoch the event consumer was created for.
 //! - Bucket `room_manager_cleanup` ([`CLEANUP_BUCKET`]), key `<nonce>`: [`CleanupEntry`] —
 //!   Discord objects of a failed create that could not be deleted yet (the durable cleanup
 //!   queue, retried by every replica).
-//! - Bucket `room_manager_replicas` ([`REPLICAS_BUCKET`]), key `<instance>`: [`ReplicaBeat`] —
-//!   live replicas, so each takes its share of the bot's rate limits.
 //!
 //! [`update`] is the one way to change an entry: read, apply a closure, write with the revision
 //! read; on a lost race, read again (bounded attempts).
@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use voicerooms_contract::command::RoomView;
@@ -36,10 +35,11 @@ use voicerooms_contract::{ApiError, ErrorCode, GuildId, Millis, RoomEvent, RoomI
 pub const STATE_BUCKET: &str = "room_manager";
 /// The durable cleanup queue.
 pub const CLEANUP_BUCKET: &str = "room_manager_cleanup";
-/// Replica heartbeats.
-pub const REPLICAS_BUCKET: &str = "room_manager_replicas";
+
 /// Attempts of one compare-and-set loop (enough for 50 replicas' worth of contention).
 const MAX_CAS_ATTEMPTS: u32 = 200;
+/// Longest wait for the next entry of a scan.
+const SCAN_WAIT: Duration = Duration::from_secs(10);
 /// Most idempotency keys remembered per user.
 const MAX_RECENT_KEYS: usize = 16;
 
@@ -127,12 +127,6 @@ pub struct CleanupEntry {
     pub settle_at: Option<Millis>,
     #[serde(default)]
     pub attempts: u32,
-}
-
-/// A replica's heartbeat: it is live until `until`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplicaBeat {
-    pub until: Millis,
 }
 
 /// A finished create remembered by its idempotency key.
@@ -309,22 +303,67 @@ where
     Err(StoreError::Contention(key.to_owned()))
 }
 
-/// Every key of a bucket (bounded by `max`).
-pub async fn keys(store: &kv::Store, max: usize) -> Result<Vec<String>, StoreError> {
+/// Every live entry whose key starts with `prefix` (empty, or ending with `.`), with its
+/// revision, at most `max`: one ordered consumer over the bucket's stream delivering the last
+/// value of each key — a scan of thousands of rooms costs one round trip, not one per key.
+/// An entry that does not decode fails the scan (a reader acting on a partial view could
+/// mistake the objects of an unreadable room for orphans).
+pub async fn scan<T: DeserializeOwned>(
+    store: &kv::Store,
+    prefix: &str,
+    max: usize,
+) -> Result<Vec<(String, T, u64)>, StoreError> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use futures::StreamExt;
+    let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+    let bucket_prefix = if store.prefix.ends_with('.') {
+        store.prefix.clone()
+    } else {
+        format!("{}.", store.prefix)
+    };
+    let consumer = store
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{bucket_prefix}{prefix}>"),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
     let mut out = Vec::new();
-    let mut stream = store
-        .keys()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    while let Some(k) = stream
-        .try_next()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?
-    {
-        out.push(k);
-        if out.len() >= max {
-            break;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+    loop {
+        let msg = match tokio::time::timeout(SCAN_WAIT, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(unavailable(&e)),
+            Ok(None) => return Err(StoreError::Unavailable("scan ended early".into())),
+            Err(_) => return Err(StoreError::Unavailable("scan timed out".into())),
+        };
+        let info = msg.info().map_err(|e| unavailable(&e))?;
+        let (revision, remaining) = (info.stream_sequence, info.pending);
+        let deleted = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() != "PUT");
+        if !deleted {
+            let key = msg
+                .subject
+                .strip_prefix(bucket_prefix.as_str())
+                .unwrap_or(msg.subject.as_str())
+                .to_owned();
+            let value =
+                serde_json::from_slice(&msg.payload).map_err(|err| StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: err.to_string(),
+                })?;
+            out.push((key, value, revision));
+        }
+        if remaining == 0 || out.len() >= max {
+            return Ok(out);
         }
     }
-    Ok(out)
 }

@@ -124,7 +124,12 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(health: Health, tasks: TaskTracker, token: CancellationToken, backoff: Duration) -> Self {
+    pub fn new(
+        health: Health,
+        tasks: TaskTracker,
+        token: CancellationToken,
+        backoff: Duration,
+    ) -> Self {
         Self {
             health,
             tasks,
@@ -159,9 +164,17 @@ impl Supervisor {
                     return;
                 }
                 match result {
-                    Ok(Ok(())) => tracing::error!(component = name, "stopped unexpectedly; restarting"),
-                    Ok(Err(e)) => tracing::error!(component = name, error = format!("{e:#}"), "failed; restarting"),
-                    Err(e) if e.is_panic() => tracing::error!(component = name, "panicked; restarting"),
+                    Ok(Ok(())) => {
+                        tracing::error!(component = name, "stopped unexpectedly; restarting")
+                    }
+                    Ok(Err(e)) => tracing::error!(
+                        component = name,
+                        error = format!("{e:#}"),
+                        "failed; restarting"
+                    ),
+                    Err(e) if e.is_panic() => {
+                        tracing::error!(component = name, "panicked; restarting")
+                    }
                     Err(_) => tracing::error!(component = name, "was killed; restarting"),
                 }
                 health

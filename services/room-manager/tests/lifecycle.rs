@@ -417,14 +417,20 @@ async fn the_reconciler_closes_a_room_whose_channel_vanished_while_nobody_listen
     let reconciler = room_manager::reconcile::Reconciler::default();
     // Younger than the grace period: left alone.
     let young = reconciler.pass(&core).await.expect("reconcile");
-    assert_eq!(young.closed, 0, "a room younger than the grace period is never closed");
+    assert_eq!(
+        young.closed, 0,
+        "a room younger than the grace period is never closed"
+    );
     assert!(core.record(room).await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(250)).await;
 
     let report = reconciler.pass(&core).await.expect("reconcile");
 
     assert_eq!(report.closed, 1, "{report:?}");
-    assert_eq!(report.deleted, 0, "nothing orphaned: the room still owned its role");
+    assert_eq!(
+        report.deleted, 0,
+        "nothing orphaned: the room still owned its role"
+    );
     let deleted = env
         .wait_for_event(room, EventKind::RoomDeleted, "room.deleted")
         .await;
@@ -433,5 +439,83 @@ async fn the_reconciler_closes_a_room_whose_channel_vanished_while_nobody_listen
     );
     assert!(!role_ids(&env.sim).await.contains(&created.room.role.get()));
     assert!(core.record(room).await.unwrap().is_none());
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_during_the_closing_warning_cancels_the_closing_and_the_room_stays() {
+    let rooms = RoomsSettings {
+        idle_timeout_ms: 1_500,
+        cleanup_interval_ms: 100,
+        closing_warning_ms: 1_000,
+        ..quiet_rooms()
+    };
+    let env = Env::start(2, rooms, false).await;
+    let (alice, bob) = (seeded(0), seeded(1));
+    let created = env.create(&alice, "warned").await.unwrap();
+    let room = created.room.id;
+    let closing = env
+        .wait_for_event(room, EventKind::RoomClosing, "room.closing")
+        .await;
+    let Event::RoomClosing(warning) = &closing.event else {
+        unreachable!()
+    };
+
+    // Bob opens the invite during the warning.
+    let joined = env.join(&bob, &created.invite.token).await.expect("join");
+
+    assert_eq!(
+        joined.room.state,
+        RoomState::Open,
+        "the join cancelled the closing"
+    );
+    assert_eq!(joined.room.closing_deadline, None);
+    let cancelled = env
+        .wait_for_event(
+            room,
+            EventKind::RoomClosingCancelled,
+            "room.closing_cancelled",
+        )
+        .await;
+    assert!(
+        matches!(cancelled.event, Event::RoomClosingCancelled(ref c) if c.by.as_ref().map(|u| u.id) == Some(bob.id))
+    );
+    // Past the old deadline, after the timer and two more scans on each replica, it is still
+    // there (it may be warned again, being idle, but not deleted on the old deadline).
+    let deadline = warning.deadline;
+    voicerooms_testkit::wait_until(
+        Duration::from_secs(10),
+        "the old deadline passed",
+        || async { voicerooms_contract::now_ms() > deadline + 100 },
+    )
+    .await;
+    for r in &env.replicas {
+        let scans = r.app_core.metrics.cleanup_scans.get();
+        eventually("two more cleanup scans", || async {
+            r.app_core.metrics.cleanup_scans.get() >= scans + 2
+        })
+        .await;
+    }
+    // Idle again, it may have been warned anew and even deleted since — but only after a new
+    // warning, never on the cancelled one.
+    let deleted = env.events_of(room, EventKind::RoomDeleted).await;
+    let warned_again = env
+        .events_of(room, EventKind::RoomClosing)
+        .await
+        .iter()
+        .any(|c| matches!(&c.event, Event::RoomClosing(w) if w.deadline > deadline));
+    assert!(
+        deleted.is_empty() || warned_again,
+        "deleted at the cancelled deadline"
+    );
+    if deleted.is_empty() {
+        let (rec, _) = env.replicas[0]
+            .app_core
+            .record(room)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(rec.view.members.iter().any(|m| m.user.id == bob.id));
+    }
     env.shutdown().await;
 }

@@ -45,7 +45,10 @@ pub fn bucket_headers(headers: &HeaderMap, now: Instant, reserve: u16) -> Option
     if bucket.is_empty() || bucket.len() > MAX_BUCKET_ID {
         return None;
     }
-    let limit: u16 = header_str(headers, RateLimitHeaders::LIMIT)?.trim().parse().ok()?;
+    let limit: u16 = header_str(headers, RateLimitHeaders::LIMIT)?
+        .trim()
+        .parse()
+        .ok()?;
     let remaining: u16 = header_str(headers, RateLimitHeaders::REMAINING)?
         .trim()
         .parse()

@@ -31,6 +31,7 @@
 
 pub mod limits;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,10 @@ pub const UNKNOWN_MEMBER: u64 = 10007;
 pub const UNKNOWN_GUILD: u64 = 10004;
 /// Missing access (e.g. the bot is not in the guild).
 pub const MISSING_ACCESS: u64 = 50001;
+/// The guild has Discord's maximum of roles (250).
+pub const MAX_ROLES: u64 = 30005;
+/// The guild has Discord's maximum of channels (500).
+pub const MAX_CHANNELS: u64 = 30013;
 /// Voice channel type.
 pub const GUILD_VOICE: u8 = 2;
 
@@ -272,6 +277,20 @@ impl Channel {
         self.permission_overwrites
             .iter()
             .any(|o| o.kind == 0 && o.id.parse::<u64>().ok() == Some(role))
+    }
+
+    /// Whether its overwrites are exactly a room channel's (see [`room_overwrites`]) for some
+    /// role that is not in `roles` — one of ours whose role was deleted (a create's channel that
+    /// arrived after its rollback).
+    pub fn is_ours_without_role(&self, guild: u64, bot: u64, roles: &HashSet<u64>) -> bool {
+        let Some(role) = self.roles().find(|r| *r != guild && !roles.contains(r)) else {
+            return false;
+        };
+        let mut mine = self.permission_overwrites.clone();
+        let mut shape = room_overwrites(guild, role, bot);
+        mine.sort_by(|a, b| a.id.cmp(&b.id));
+        shape.sort_by(|a, b| a.id.cmp(&b.id));
+        mine == shape
     }
 
     /// The roles its overwrites name.
@@ -658,7 +677,10 @@ impl DiscordClient {
             let policy = &self.inner.policy;
             let (mut transient, mut waits) = (0u32, 0u32);
             loop {
-                match self.attempt(Method::Post, route, &path, Some(&body)).await? {
+                match self
+                    .attempt(Method::Post, route, &path, Some(&body))
+                    .await?
+                {
                     Attempt::Done(_, bytes) => return decode(&bytes),
                     Attempt::Refused(e) => return Err(e),
                     Attempt::RateLimited(wait) => {
@@ -668,7 +690,10 @@ impl DiscordClient {
                         }
                         tokio::time::sleep(wait).await;
                     }
-                    Attempt::Transient { ambiguous, mut last } => {
+                    Attempt::Transient {
+                        ambiguous,
+                        mut last,
+                    } => {
                         let settled = limits::after(std::time::Instant::now(), policy.timeout);
                         loop {
                             transient = transient.saturating_add(1);
@@ -687,7 +712,10 @@ impl DiscordClient {
                             // It may exist: look before posting again.
                             match lookup().await {
                                 Ok(Some(found)) => {
-                                    tracing::info!(route, "the create went through after all; not posting again");
+                                    tracing::info!(
+                                        route,
+                                        "the create went through after all; not posting again"
+                                    );
                                     return Ok(found);
                                 }
                                 Ok(None) if std::time::Instant::now() >= settled => break,
@@ -813,7 +841,10 @@ impl DiscordClient {
                     )
                     .await?;
                 let roles: Vec<Role> = decode(&bytes)?;
-                Ok(oldest(roles.into_iter().filter(|r| r.name == name), Role::id_u64))
+                Ok(oldest(
+                    roles.into_iter().filter(|r| r.name == name),
+                    Role::id_u64,
+                ))
             },
         )
         .await
@@ -1086,6 +1117,9 @@ mod tests {
             last: "status 502".into(),
         };
         assert_eq!(e.to_api().code, ErrorCode::DiscordUnavailable);
-        assert_eq!(DiscordError::ShuttingDown.to_api().code, ErrorCode::Unavailable);
+        assert_eq!(
+            DiscordError::ShuttingDown.to_api().code,
+            ErrorCode::Unavailable
+        );
     }
 }

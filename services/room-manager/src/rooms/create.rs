@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use voicerooms_contract::command::{CreateRoom, Created, RoomMember, RoomState, RoomView};
 use voicerooms_contract::event::{Event, JoinedVia, RoomCreated};
 use voicerooms_contract::{
@@ -31,7 +30,7 @@ use voicerooms_contract::{
 
 use super::membership::{ensure_member_with_role, place, placement_label};
 use super::{not_found, Core};
-use crate::discord::{DiscordError, MISSING_ACCESS, UNKNOWN_GUILD};
+use crate::discord::{DiscordError, MAX_CHANNELS, MAX_ROLES, MISSING_ACCESS, UNKNOWN_GUILD};
 use crate::outbox;
 use crate::store::{self, owner_key, Change, CleanupEntry, CreateSlot, OwnerIndex, RoomRecord};
 
@@ -85,12 +84,17 @@ impl Failed {
     }
 }
 
-/// A Discord failure as the creator sees it: a guild the bot cannot use is not worth retrying.
+/// A Discord failure as the creator sees it: a guild the bot cannot use is not worth retrying,
+/// a guild at Discord's limits is full.
 fn create_error(e: &DiscordError) -> ApiError {
     match e.json_code() {
         Some(UNKNOWN_GUILD) | Some(MISSING_ACCESS) => ApiError::new(
             ErrorCode::Validation,
             "rooms cannot be created in this guild (the bot is not in it)",
+        ),
+        Some(MAX_ROLES) | Some(MAX_CHANNELS) => ApiError::new(
+            ErrorCode::RoomLimitReached,
+            "the guild is at Discord's limit of roles or channels",
         ),
         _ => e.to_api(),
     }
@@ -199,10 +203,7 @@ async fn claim_slot(core: &Core, cmd: &CreateRoom, nonce: &str) -> Result<Claim,
 async fn build(core: &Core, cmd: &CreateRoom, nonce: &str) -> Result<RoomRecord, Failed> {
     let guild = cmd.guild.get();
     let user = cmd.requester.id;
-    let bot = core
-        .bot_id()
-        .await
-        .map_err(|e| Failed::at(e, None, None))?;
+    let bot = core.bot_id().await.map_err(|e| Failed::at(e, None, None))?;
     let name = role_name(nonce, &cmd.name);
     let role = core
         .discord
@@ -485,24 +486,15 @@ async fn bump_attempts(core: &Core, entry: &CleanupEntry) {
 
 /// One pass over the durable cleanup queue. Returns how many entries are still pending.
 pub async fn retry_cleanup_queue(core: &Core) -> Result<usize, ApiError> {
-    let keys: Vec<String> = core
-        .cleanup
-        .keys()
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Timeout, e.to_string()))?
-        .try_collect()
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Timeout, e.to_string()))?;
     let mut pending = 0usize;
-    for key in keys.into_iter().take(super::MAX_SCAN) {
-        let Some((entry, _)) = store::get::<CleanupEntry>(&core.cleanup, &key).await? else {
-            continue;
-        };
+    for (key, entry, _) in store::scan::<CleanupEntry>(&core.cleanup, "", super::MAX_SCAN).await? {
         if let Err(e) = process_entry(core, entry).await {
             pending = pending.saturating_add(1);
             match e {
                 CleanupPending::Settling => {}
-                e => tracing::warn!(nonce = %key, error = %e, "cleanup of a failed create still pending"),
+                e => {
+                    tracing::warn!(nonce = %key, error = %e, "cleanup of a failed create still pending")
+                }
             }
         }
     }

@@ -95,9 +95,7 @@ pub async fn claim_deletion(
                         }
                     }
                 }
-                RoomState::Closing
-                    if !force && r.view.closing_deadline.is_none_or(|d| d > now) =>
-                {
+                RoomState::Closing if !force && r.view.closing_deadline.is_none_or(|d| d > now) => {
                     return Ok(Change::Keep(None));
                 }
                 RoomState::Closing if !force => {}

@@ -17,9 +17,7 @@ use voicerooms_contract::command::{
 use voicerooms_contract::event::{
     Event, JoinedVia, RemovedReason, RoomClosingCancelled, RoomMemberAdded, RoomMemberRemoved,
 };
-use voicerooms_contract::{
-    now_ms, subject, ApiError, ErrorCode, GuildId, RoomId, UserRef,
-};
+use voicerooms_contract::{now_ms, subject, ApiError, ErrorCode, GuildId, RoomId, UserRef};
 
 use super::{not_found, Core, MAX_SCAN};
 use crate::discord::{NOT_IN_VOICE, UNKNOWN_MEMBER};
@@ -218,7 +216,9 @@ async fn give_back(core: &Arc<Core>, room: RoomId, user: &UserRef) {
         .await;
     match r {
         Ok(_) => core.flush(room).await,
-        Err(e) => tracing::error!(room = %room, user = %user.id, error = %e, "giving a place back failed"),
+        Err(e) => {
+            tracing::error!(room = %room, user = %user.id, error = %e, "giving a place back failed")
+        }
     }
 }
 
@@ -315,19 +315,16 @@ pub async fn get(core: &Arc<Core>, cmd: RoomCommand) -> Result<RoomView, ApiErro
 
 /// `list_mine`: rooms the requester owns or belongs to (a scan of the bucket, bounded).
 pub async fn list_mine(core: &Arc<Core>, cmd: ListMine) -> Result<RoomList, ApiError> {
-    let keys = store::keys(&core.rooms, MAX_SCAN).await?;
     let mut rooms = Vec::new();
-    for key in keys {
-        if let Some((rec, _)) = store::get::<RoomRecord>(&core.rooms, &key).await? {
-            if !rec.fence
-                && rec
-                    .view
-                    .members
-                    .iter()
-                    .any(|m| m.user.id == cmd.requester.id)
-            {
-                rooms.push(rec.view);
-            }
+    for (_, rec, _) in store::scan::<RoomRecord>(&core.rooms, "", MAX_SCAN).await? {
+        if !rec.fence
+            && rec
+                .view
+                .members
+                .iter()
+                .any(|m| m.user.id == cmd.requester.id)
+        {
+            rooms.push(rec.view);
         }
     }
     rooms.sort_by_key(|r| r.created_at);
@@ -339,7 +336,9 @@ pub async fn rotate_invite(core: &Arc<Core>, cmd: RoomCommand) -> Result<Invite,
     let (invite_id, issued, expires) = core.new_invite_fields();
     let (rec, _) = core
         .change_room(cmd.room, |cur| {
-            let mut r = cur.filter(|r| !r.fence).ok_or_else(|| not_found(cmd.room))?;
+            let mut r = cur
+                .filter(|r| !r.fence)
+                .ok_or_else(|| not_found(cmd.room))?;
             if r.view.owner.id != cmd.requester.id {
                 return Err(ApiError::new(
                     ErrorCode::NotOwner,
@@ -363,7 +362,9 @@ pub async fn leave(core: &Arc<Core>, cmd: RoomCommand) -> Result<Done, ApiError>
     let user = cmd.requester.id;
     let (rec, _) = core
         .change_room(cmd.room, |cur| {
-            let mut r = cur.filter(|r| !r.fence).ok_or_else(|| not_found(cmd.room))?;
+            let mut r = cur
+                .filter(|r| !r.fence)
+                .ok_or_else(|| not_found(cmd.room))?;
             if r.view.owner.id == user {
                 return Err(ApiError::new(
                     ErrorCode::Validation,

@@ -88,6 +88,7 @@ pub fn settings(nats_url: &str, api: &str, instance: &str, mut rooms: RoomsSetti
                 retry_base_ms: 20,
                 request_timeout_ms: 3_000,
                 retry_interval_ms: 300,
+                outbox_sweep_interval_ms: 500,
                 ..TuningSettings::default()
             },
         },
@@ -118,10 +119,37 @@ impl Env {
         rate_limits: bool,
         global_limit: u16,
     ) -> Env {
+        Self::start_custom(replicas, rooms, sim_config(rate_limits), |t| {
+            t.global_rate_limit = global_limit;
+        })
+        .await
+    }
+
+    /// Against a simulator that checks the bot's permissions per channel, as Discord does.
+    pub async fn start_strict(replicas: usize, rooms: RoomsSettings, rate_limits: bool) -> Env {
+        Self::start_tuned(replicas, rooms, rate_limits, |_| {}).await
+    }
+
+    /// Strict simulator, and `tune` applied to every replica's `room_manager` settings.
+    pub async fn start_tuned(
+        replicas: usize,
+        rooms: RoomsSettings,
+        rate_limits: bool,
+        tune: impl Fn(&mut TuningSettings),
+    ) -> Env {
+        let mut config = sim_config(rate_limits);
+        config.strict_bot_permissions = true;
+        Self::start_custom(replicas, rooms, config, tune).await
+    }
+
+    pub async fn start_custom(
+        replicas: usize,
+        rooms: RoomsSettings,
+        config: SimConfig,
+        tune: impl Fn(&mut TuningSettings),
+    ) -> Env {
         let nats = NatsServer::start().await;
-        let sim = Simulator::start(sim_config(rate_limits))
-            .await
-            .expect("simulator");
+        let sim = Simulator::start(config).await.expect("simulator");
         let client = nats.client().await;
         let mut env = Env {
             nats,
@@ -136,7 +164,7 @@ impl Env {
                 &format!("rm-{i}"),
                 rooms.clone(),
             );
-            s.service.room_manager.global_rate_limit = global_limit;
+            tune(&mut s.service.room_manager);
             env.replicas.push(start_replica(s).await);
         }
         env
@@ -318,7 +346,18 @@ impl Env {
     }
 }
 
+/// Logs of the in-process replicas on stderr when `RUST_LOG` is set (debugging a test).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn start_replica(s: Settings) -> Replica {
+    init_logs();
     let app = Application::build(s).await.expect("build room-manager");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let core = loop {
@@ -344,6 +383,44 @@ pub async fn start_replica(s: Settings) -> Replica {
         health,
         stop: Some(tx),
         handle,
+    }
+}
+
+/// A request with its own reply timeout (commands that wait for Discord's rate limits).
+pub async fn request_within<C: Serialize, R: DeserializeOwned>(
+    client: &async_nats::Client,
+    kind: CommandKind,
+    cmd: &C,
+    timeout: Duration,
+) -> Result<R, ApiError> {
+    let body = serde_json::to_vec(cmd).expect("encode");
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(timeout));
+    match client.send_request(kind.subject(), request).await {
+        Ok(reply) => decode_reply::<R>(&reply.payload),
+        Err(e) => panic!("request {} failed: {e}", kind.as_str()),
+    }
+}
+
+/// Like a real client: repeats a request (same body, so the same idempotency key) while the
+/// answer is a retryable error (`timeout`, `unavailable`, `conflict`, …), at most 5 times.
+pub async fn request_retrying<C: Serialize, R: DeserializeOwned>(
+    client: &async_nats::Client,
+    kind: CommandKind,
+    cmd: &C,
+    timeout: Duration,
+) -> Result<R, ApiError> {
+    let mut attempt = 0;
+    loop {
+        match request_within::<C, R>(client, kind, cmd, timeout).await {
+            Err(e) if e.code.retryable() && attempt < 5 => {
+                attempt += 1;
+                let wait = e.retry_after_ms.unwrap_or(200).min(5_000);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -415,7 +492,10 @@ pub async fn role_ids(sim: &SimHandle) -> Vec<u64> {
 
 /// Roles of the guild (id, name, …).
 pub fn roles(sim: &SimHandle) -> Vec<serde_json::Value> {
-    guild_state(sim)["roles"].as_array().cloned().unwrap_or_default()
+    guild_state(sim)["roles"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Channels of the guild.
@@ -437,6 +517,19 @@ pub fn room_channels(sim: &SimHandle) -> Vec<serde_json::Value> {
             )
         })
         .collect()
+}
+
+/// Room channels whose overwrites name `role`.
+pub fn channels_naming_role(sim: &SimHandle, role: u64) -> usize {
+    room_channels(sim)
+        .iter()
+        .filter(|c| {
+            c["permission_overwrites"].as_array().is_some_and(|ows| {
+                ows.iter()
+                    .any(|o| o["id"].as_str() == Some(role.to_string().as_str()))
+            })
+        })
+        .count()
 }
 
 /// Roles made by room-manager (`vr-<nonce> …`).
