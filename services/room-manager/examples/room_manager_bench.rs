@@ -10,6 +10,17 @@
 //! concurrent phases measure throughput. A join's latency includes the move into voice (every
 //! joiner is connected to voice first, so the placement is `moved`): request → placed.
 
+// Benchmark code: a panic here (unwrap, expect, an index or an overflow) stops the benchmark.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 use std::time::{Duration, Instant};
 
 use discord_sim::{seed, RateLimitConfig, SimConfig, Simulator};

@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use voicerooms_contract::command::{RoomState, VoiceOccupant};
 use voicerooms_contract::event::{CloseReason, Event, RoomClosingCancelled, VoiceFlags};
-use voicerooms_contract::{now_ms, subject, ApiError, GuildId, RoomEvent, RoomId, UserId, UserRef};
+use voicerooms_contract::{
+    now_ms, subject, ApiError, GuildId, RoomEvent, RoomId, StreamEpoch, UserId, UserRef,
+};
 
 use crate::outbox;
 use crate::rooms::lifecycle::{claim_deletion, complete_deletion};
@@ -42,6 +44,8 @@ use crate::supervisor::Up;
 const MAX_VOICE_SEQ: usize = 64;
 /// How long JetStream waits for an ack before redelivering.
 const ACK_WAIT: Duration = Duration::from_secs(30);
+/// An event still being applied after this long is marked in progress (a third of the ack wait).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Events queued per lane before the consumer stops pulling.
 const LANE_CAPACITY: usize = 64;
 
@@ -49,13 +53,7 @@ const LANE_CAPACITY: usize = 64;
 /// `room_manager` bucket).
 #[derive(Debug, Serialize, Deserialize)]
 struct ConsumerEpoch {
-    epoch: u64,
-}
-
-/// The epoch of a stream: its creation time (ns since the epoch). A recreated stream has a new
-/// one.
-pub fn stream_epoch(info: &async_nats::jetstream::stream::Info) -> u64 {
-    u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0)
+    epoch: StreamEpoch,
 }
 
 /// Consumes until `token` is cancelled (the supervisor restarts it when it fails).
@@ -67,7 +65,7 @@ pub async fn run(
     up: Up,
 ) -> anyhow::Result<()> {
     let mut stream = core.js.get_stream(subject::ROOMS_STREAM).await?;
-    let epoch = stream_epoch(stream.info().await?);
+    let epoch = voicerooms_platform::nats::stream_epoch(stream.info().await?)?;
     core.set_stream_epoch(epoch);
     let epoch_key = format!("consumer.{durable}");
     let known = store::get::<ConsumerEpoch>(&core.state, &epoch_key).await?;
@@ -105,7 +103,7 @@ pub async fn run(
         workers.spawn(lane(core.clone(), rx, epoch));
     }
     up.set(true);
-    tracing::info!(durable, epoch, "consuming room events");
+    tracing::info!(durable, %epoch, "consuming room events");
     let result = loop {
         let msg = tokio::select! {
             _ = token.cancelled() => break Ok(()),
@@ -141,13 +139,17 @@ fn lane_of(subject: &str, lanes: usize) -> usize {
     usize::try_from(hash.checked_rem(lanes).unwrap_or(0)).unwrap_or(0)
 }
 
-async fn lane(core: Arc<Core>, mut rx: mpsc::Receiver<async_nats::jetstream::Message>, epoch: u64) {
+async fn lane(
+    core: Arc<Core>,
+    mut rx: mpsc::Receiver<async_nats::jetstream::Message>,
+    epoch: StreamEpoch,
+) {
     while let Some(msg) = rx.recv().await {
         handle(&core, msg, epoch).await;
     }
 }
 
-async fn handle(core: &Arc<Core>, msg: async_nats::jetstream::Message, epoch: u64) {
+async fn handle(core: &Arc<Core>, msg: async_nats::jetstream::Message, epoch: StreamEpoch) {
     let (seq, delivered) = msg
         .info()
         .map(|i| (i.stream_sequence, i.delivered))
@@ -173,8 +175,9 @@ async fn handle(core: &Arc<Core>, msg: async_nats::jetstream::Message, epoch: u6
     );
     let applying = apply(core, &event, seq, epoch).instrument(span);
     tokio::pin!(applying);
-    let mut progress =
-        tokio::time::interval_at(tokio::time::Instant::now() + ACK_WAIT / 3, ACK_WAIT / 3);
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    // The first tick is immediate: skip it.
+    progress.tick().await;
     let applied = loop {
         tokio::select! {
             r = &mut applying => break r,
@@ -203,7 +206,7 @@ pub async fn apply(
     core: &Arc<Core>,
     event: &RoomEvent,
     seq: u64,
-    epoch: u64,
+    epoch: StreamEpoch,
 ) -> Result<(), ApiError> {
     let room = event.room;
     match &event.event {
@@ -239,7 +242,7 @@ async fn set_voice(
     room: RoomId,
     user: &UserRef,
     seq: u64,
-    epoch: u64,
+    epoch: StreamEpoch,
     flags: Option<VoiceFlags>,
 ) -> Result<(), ApiError> {
     let now = now_ms();

@@ -89,6 +89,7 @@ pub fn secs(ms: Millis) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)] // test code: an overflow is a failed test
 mod tests {
     use super::*;
 

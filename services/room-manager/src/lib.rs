@@ -46,8 +46,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use voicerooms_contract::{subject, GuildId};
+use voicerooms_platform::runtime::SETUP_BACKOFF;
 use voicerooms_platform::settings::{self as platform_settings, CommonSettings};
-use voicerooms_platform::{nats, Secret, Service, ServiceBuilder, SettingsError};
+use voicerooms_platform::{nats, retry, Secret, Service, ServiceBuilder, SettingsError};
 
 pub use settings::RoomManagerSettings;
 
@@ -132,12 +133,12 @@ impl Application {
         let discord = DiscordClient::new(
             &svc.discord.api_base,
             &token,
-            RetryPolicy {
-                base: Duration::from_millis(tuning.retry_base_ms),
-                max_retries: tuning.max_retries,
-                max_rate_limit_waits: tuning.max_rate_limit_waits,
-                timeout: Duration::from_millis(tuning.request_timeout_ms),
-            },
+            RetryPolicy::new(
+                Duration::from_millis(tuning.retry_base_ms),
+                tuning.max_retries,
+                tuning.max_rate_limit_waits,
+                Duration::from_millis(tuning.request_timeout_ms),
+            ),
             tuning.global_rate_limit,
             tuning.max_queued_requests,
             discord_metrics,
@@ -169,7 +170,10 @@ impl Application {
         // answer (their creates rolled back) before the grace period ends.
         {
             let (stop, token) = (discord.stop().clone(), token.clone());
-            let margin = (grace / 4).min(Duration::from_secs(2));
+            let margin = grace
+                .checked_div(4)
+                .unwrap_or_default()
+                .min(Duration::from_secs(2));
             tasks.spawn(async move {
                 token.cancelled().await;
                 tokio::time::sleep(grace.saturating_sub(margin)).await;
@@ -185,29 +189,27 @@ impl Application {
             let (tasks2, token2) = (tasks.clone(), token.clone());
             builder.tasks().spawn(async move {
                 let js = async_nats::jetstream::new(client.clone());
-                let mut delay = Duration::from_millis(100);
-                let buckets = loop {
-                    let setup = async {
-                        nats::ensure_rooms_stream(&js, &nats_settings).await?;
-                        let r = nats_settings.replicas;
-                        let buckets = Buckets {
-                            rooms: nats::ensure_kv(&js, subject::ROOMS_BUCKET, 1, r).await?,
-                            state: nats::ensure_kv(&js, store::STATE_BUCKET, 1, r).await?,
-                            cleanup: nats::ensure_kv(&js, store::CLEANUP_BUCKET, 1, r).await?,
-                            tokens: nats::ensure_kv(&js, subject::OAUTH_TOKENS_BUCKET, 1, r)
-                                .await?,
-                        };
-                        anyhow::Ok(buckets)
-                    };
-                    match setup.await {
-                        Ok(v) => break v,
-                        Err(e) => tracing::warn!(error = %e, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "state buckets not ready"),
-                    }
-                    tokio::select! {
-                        _ = token2.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = delay.saturating_mul(2).min(Duration::from_secs(5));
+                let setup = || async {
+                    nats::ensure_rooms_stream(&js, &nats_settings).await?;
+                    let r = nats_settings.replicas;
+                    anyhow::Ok(Buckets {
+                        rooms: nats::ensure_kv(&js, subject::ROOMS_BUCKET, 1, r).await?,
+                        state: nats::ensure_kv(&js, store::STATE_BUCKET, 1, r).await?,
+                        cleanup: nats::ensure_kv(&js, store::CLEANUP_BUCKET, 1, r).await?,
+                        tokens: nats::ensure_kv(&js, subject::OAUTH_TOKENS_BUCKET, 1, r).await?,
+                    })
+                };
+                let Ok(buckets) = retry::retry(
+                    "setting up the state buckets",
+                    &SETUP_BACKOFF,
+                    &token2,
+                    retry::always,
+                    setup,
+                )
+                .await
+                .map_err(|e| format!("{e:#}")) else {
+                    // Only shutdown ends an unlimited retry.
+                    return;
                 };
                 // Known to the others before the first Discord call (the rate-limit share).
                 match replicas::beat(&buckets.state, &instance, true).await {

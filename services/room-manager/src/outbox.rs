@@ -21,7 +21,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use tokio_util::sync::CancellationToken;
 use voicerooms_contract::event::Event;
-use voicerooms_contract::{now_ms, subject, ApiError, ErrorCode, RoomEvent, RoomId};
+use voicerooms_contract::{now_ms, subject, ApiError, ErrorCode, RoomEvent, RoomId, StreamEpoch};
+use voicerooms_platform::retry::{self, Backoff, Jitter};
 
 use crate::rooms::Core;
 use crate::store::{self, Change, RoomRecord};
@@ -134,21 +135,23 @@ impl Outbox {
     }
 
     async fn retry(&self, core: &Core, room: RoomId, token: &CancellationToken) {
-        let mut delay = Duration::from_millis(100);
-        let max = Duration::from_millis(core.tuning.retry_interval_ms).max(delay);
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            match self.drain(core, room).await {
-                Ok(n) => {
+        // 100 ms doubling to retry_interval_ms, until shutdown (the sweep takes over then).
+        let policy = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_millis(core.tuning.retry_interval_ms),
+        )
+        .with_jitter(Jitter::Equal);
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = tokio::time::sleep(policy.delay(1)) => {
+                let result = retry::retry("publishing room events", &policy, token, retry::always, || {
+                    self.drain(core, room)
+                })
+                .await;
+                if let Ok(n) = result {
                     tracing::info!(room = %room, published = n, "room events published after a retry");
-                    return;
                 }
-                Err(e) => tracing::debug!(room = %room, error = %e, "outbox retry failed"),
             }
-            delay = delay.saturating_mul(2).min(max);
         }
     }
 
@@ -157,7 +160,7 @@ impl Outbox {
     async fn already_stored(&self, core: &Core, ev: &RoomEvent) -> Option<u64> {
         let age = Duration::from_millis(now_ms().saturating_sub(ev.received_at));
         // Half the window: a margin for clocks and for the publish itself.
-        if age < self.dedup_window / 2 {
+        if age < self.dedup_window.checked_div(2).unwrap_or_default() {
             return None;
         }
         let ours = event_counter(ev.room, ev.id.as_deref()?)?;
@@ -192,7 +195,7 @@ impl Outbox {
 }
 
 /// Records that the snapshot reflects events up to `seq` of the stream epoch `epoch`.
-pub fn record_seq(r: &mut RoomRecord, seq: u64, epoch: Option<u64>) {
+pub fn record_seq(r: &mut RoomRecord, seq: u64, epoch: Option<StreamEpoch>) {
     if epoch.is_some() && r.stream_epoch != epoch {
         // The stream was recreated: sequences restarted.
         r.stream_epoch = epoch;

@@ -34,6 +34,7 @@ use voicerooms_contract::{
 
 use crate::discord::{Channel, Role, GUILD_VOICE};
 use crate::rooms::create::{discard, nonce_of, role_name};
+use crate::rooms::lifecycle::complete_deletion;
 use crate::rooms::{finish_room, Core, MAX_SCAN};
 use crate::store::{
     self, owner_key, Change, CleanupEntry, CreateSlot, Lease, OwnerIndex, RoomRecord,
@@ -325,9 +326,21 @@ async fn expire_slot(
     }
     tracing::warn!(nonce = %slot.nonce, instance = %slot.instance, "giving up an abandoned create");
     if let (Some(channel), Some(role)) = (slot.channel, slot.role) {
-        if !fence(core, user, slot, channel, role).await? {
-            adopt(core, user, slot, channel).await?;
-            return Ok(Expired::Adopted);
+        match fence(core, user, slot, channel, role).await? {
+            None => {
+                adopt(core, user, slot, channel).await?;
+                return Ok(Expired::Adopted);
+            }
+            // Delete the fenced room's objects and the fence itself now (the cleanup scan
+            // takes over if this fails: the fence is `deleting` with a lease).
+            Some(fenced) => {
+                let core2 = core.clone();
+                core.spawn_job("remove fence", async move {
+                    if let Err(e) = complete_deletion(&core2, fenced).await {
+                        tracing::warn!(error = %e, "removing a fence failed; the cleanup scan retries");
+                    }
+                });
+            }
         }
     }
     discard(
@@ -348,15 +361,15 @@ async fn expire_slot(
     Ok(Expired::RolledBack)
 }
 
-/// Creates the room key of an abandoned create, so it can never commit. `false` when the key
-/// exists: the create committed after all.
+/// Creates the room key of an abandoned create, so it can never commit; returns the fence.
+/// `None` when the key exists: the create committed after all.
 async fn fence(
     core: &Core,
     user: UserId,
     slot: &CreateSlot,
     channel: u64,
     role: u64,
-) -> Result<bool, ApiError> {
+) -> Result<Option<RoomRecord>, ApiError> {
     let bad = |_| ApiError::new(ErrorCode::Internal, "a create slot holds an invalid id");
     let now = now_ms();
     let rec = RoomRecord {
@@ -404,10 +417,8 @@ async fn fence(
         .create(subject::room_key(rec.view.id), bytes)
         .await
     {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-            Ok(false)
-        }
+        Ok(_) => Ok(Some(rec)),
+        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => Ok(None),
         Err(e) => Err(ApiError::new(ErrorCode::Timeout, e.to_string())),
     }
 }

@@ -29,7 +29,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use voicerooms_contract::command::RoomView;
 use voicerooms_contract::event::CloseReason;
-use voicerooms_contract::{ApiError, ErrorCode, GuildId, Millis, RoomEvent, RoomId, UserId};
+use voicerooms_contract::{
+    ApiError, ErrorCode, GuildId, Millis, RoomEvent, RoomId, StreamEpoch, UserId,
+};
+use voicerooms_platform::retry::{Backoff, Jitter};
 
 /// room-manager's own bucket.
 pub const STATE_BUCKET: &str = "room_manager";
@@ -38,6 +41,10 @@ pub const CLEANUP_BUCKET: &str = "room_manager_cleanup";
 
 /// Attempts of one compare-and-set loop (enough for 50 replicas' worth of contention).
 const MAX_CAS_ATTEMPTS: u32 = 200;
+/// Between compare-and-set attempts after the third lost race: 200 µs doubling to 4 ms, fully
+/// jittered, so many contenders spread out.
+const CONTENTION: Backoff =
+    Backoff::new(Duration::from_micros(200), Duration::from_millis(4)).with_jitter(Jitter::Full);
 /// Longest wait for the next entry of a scan.
 const SCAN_WAIT: Duration = Duration::from_secs(10);
 /// Most idempotency keys remembered per user.
@@ -62,7 +69,7 @@ pub struct RoomRecord {
     /// Identity of the `ROOMS` stream `view.seq` and `voice_seq` count in (its creation time).
     /// When the stream is recreated its sequences restart, so both are reset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_epoch: Option<u64>,
+    pub stream_epoch: Option<StreamEpoch>,
     /// The create's nonce (the `vr-<nonce>` tag of the role's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
@@ -291,10 +298,8 @@ where
             Err(Ok(())) => {
                 // Lost the race: someone else wrote first. Read again, with a little jitter so
                 // many contenders spread out.
-                if attempt > 2 {
-                    let spread = 1u64.saturating_add(u64::from(attempt.min(20)));
-                    let jitter = rand::random::<u64>().checked_rem(spread).unwrap_or(0);
-                    tokio::time::sleep(Duration::from_micros(jitter.saturating_mul(200))).await;
+                if let Some(waited) = attempt.checked_sub(2).filter(|n| *n > 0) {
+                    tokio::time::sleep(CONTENTION.delay(waited)).await;
                 }
             }
             Err(Err(reason)) => return Err(StoreError::Unavailable(reason)),

@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use voicerooms_platform::retry::{Backoff, Jitter};
 
 /// Longest restart delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -144,10 +145,11 @@ impl Supervisor {
         F: Fn(Up) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let (health, token, base) = (self.health.clone(), self.token.clone(), self.backoff);
+        let (health, token) = (self.health.clone(), self.token.clone());
+        let policy = Backoff::new(self.backoff, MAX_BACKOFF).with_jitter(Jitter::Equal);
         health.set(name, false);
         self.tasks.spawn(async move {
-            let mut delay = base;
+            let mut failures = policy.schedule();
             loop {
                 let up = Up {
                     name,
@@ -182,14 +184,13 @@ impl Supervisor {
                     .get_or_create(&vec![("component".to_owned(), name.to_owned())])
                     .inc();
                 if started.elapsed() >= STABLE_AFTER {
-                    delay = base;
+                    failures.reset();
                 }
-                let jittered = delay.mul_f64(rand::random_range(0.5..=1.0));
+                let delay = failures.next_delay().unwrap_or(MAX_BACKOFF);
                 tokio::select! {
                     _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(jittered) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                delay = delay.saturating_mul(2).min(MAX_BACKOFF);
             }
         });
     }

@@ -1,6 +1,17 @@
 //! The event path: the consumer (concurrency, supervision, stream recreation) and the outbox
 //! (a state change and its event never diverge).
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::time::{Duration, Instant};

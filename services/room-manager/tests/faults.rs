@@ -2,6 +2,17 @@
 //! answers, 429/5xx storms, foreign guilds, and the invalid-request budget under the
 //! simulator's default rate limits.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::collections::HashMap;

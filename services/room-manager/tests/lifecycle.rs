@@ -1,5 +1,16 @@
 //! Capacity across replicas, voice placement, idle cleanup and crash recovery.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::collections::HashSet;

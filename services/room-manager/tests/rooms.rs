@@ -1,6 +1,17 @@
 //! room-manager against a real nats-server and the Discord simulator: create, invites, join,
 //! placement, capacity across replicas, cleanup, reconciliation and Discord failures.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::time::{Duration, Instant};

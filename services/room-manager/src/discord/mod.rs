@@ -52,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use twilight_http_ratelimiting::{Endpoint, Method, RateLimitHeaders, RateLimiter};
 use voicerooms_contract::{ApiError, ErrorCode};
+use voicerooms_platform::retry::Backoff;
 use voicerooms_platform::Secret;
 
 use self::limits::header_str;
@@ -174,17 +175,34 @@ impl DiscordError {
 /// Retry policy of the client.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    pub base: Duration,
+    /// Delays between retries after 5xx and timeouts: `retry_base_ms` doubling (1, 2, 4, 8,
+    /// 16 s), exactly as the product specifies (no jitter: a bucket's own queue spreads requests).
+    pub backoff: Backoff,
     pub max_retries: u32,
     pub max_rate_limit_waits: u32,
     pub timeout: Duration,
 }
 
 impl RetryPolicy {
+    /// `base` doubling up to its `max_retries`th value.
+    pub fn new(
+        base: Duration,
+        max_retries: u32,
+        max_rate_limit_waits: u32,
+        timeout: Duration,
+    ) -> Self {
+        let top = Backoff::new(base, Duration::MAX).nominal_delay(max_retries.max(1));
+        Self {
+            backoff: Backoff::new(base, top),
+            max_retries,
+            max_rate_limit_waits,
+            timeout,
+        }
+    }
+
     /// Delay before transient retry number `n` (1-based): base × 2^(n-1).
     pub fn backoff(&self, n: u32) -> Duration {
-        self.base
-            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        self.backoff.delay(n)
     }
 }
 
@@ -448,7 +466,11 @@ impl DiscordClient {
                 tokio::time::sleep_until(t).await;
                 continue;
             }
-            let share = (inner.global_limit / self.replica_count()).max(1);
+            let share = inner
+                .global_limit
+                .checked_div(self.replica_count())
+                .unwrap_or(1)
+                .max(1);
             let wait = {
                 let mut w = lock(&inner.global_window);
                 let now = Instant::now();
@@ -801,16 +823,7 @@ impl DiscordClient {
             format!("guilds/{guild}/channels"),
             body,
             || async move {
-                let (_, bytes) = self
-                    .call_with(
-                        Method::Get,
-                        "/guilds/{g}/channels",
-                        format!("guilds/{guild}/channels"),
-                        None,
-                        0,
-                    )
-                    .await?;
-                let channels: Vec<Channel> = decode(&bytes)?;
+                let channels: Vec<Channel> = self.list_once(guild, "channels").await?;
                 Ok(oldest(
                     channels
                         .into_iter()
@@ -831,16 +844,7 @@ impl DiscordClient {
             format!("guilds/{guild}/roles"),
             body,
             || async move {
-                let (_, bytes) = self
-                    .call_with(
-                        Method::Get,
-                        "/guilds/{g}/roles",
-                        format!("guilds/{guild}/roles"),
-                        None,
-                        0,
-                    )
-                    .await?;
-                let roles: Vec<Role> = decode(&bytes)?;
+                let roles: Vec<Role> = self.list_once(guild, "roles").await?;
                 Ok(oldest(
                     roles.into_iter().filter(|r| r.name == name),
                     Role::id_u64,
@@ -860,6 +864,30 @@ impl DiscordClient {
             .collect();
         found.sort_by_key(|r| r.id_u64().unwrap_or(u64::MAX));
         Ok(found)
+    }
+
+    /// `GET /guilds/{guild}/{what}` (channels or roles) in one attempt: a create's lookups are
+    /// already inside its retry loop.
+    async fn list_once<T: for<'de> Deserialize<'de>>(
+        &self,
+        guild: u64,
+        what: &'static str,
+    ) -> Result<Vec<T>, DiscordError> {
+        let route = if what == "roles" {
+            "/guilds/{g}/roles"
+        } else {
+            "/guilds/{g}/channels"
+        };
+        let (_, bytes) = self
+            .call_with(
+                Method::Get,
+                route,
+                format!("guilds/{guild}/{what}"),
+                None,
+                0,
+            )
+            .await?;
+        decode(&bytes)
     }
 
     /// Deletes a channel; an already deleted channel is success.
@@ -1094,12 +1122,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_from_the_base() {
-        let p = RetryPolicy {
-            base: Duration::from_secs(1),
-            max_retries: 5,
-            max_rate_limit_waits: 10,
-            timeout: Duration::from_secs(10),
-        };
+        let p = RetryPolicy::new(Duration::from_secs(1), 5, 10, Duration::from_secs(10));
         let delays: Vec<u64> = (1..=5).map(|n| p.backoff(n).as_secs()).collect();
         assert_eq!(delays, vec![1, 2, 4, 8, 16]);
     }

@@ -23,7 +23,9 @@ use tokio::sync::{OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use voicerooms_contract::command::Invite;
-use voicerooms_contract::{now_ms, subject, ApiError, ErrorCode, GuildId, Millis, RoomId};
+use voicerooms_contract::{
+    now_ms, subject, ApiError, ErrorCode, GuildId, Millis, RoomId, StreamEpoch,
+};
 
 use crate::discord::DiscordClient;
 use crate::invite::{secs, InviteClaims, InviteSigner};
@@ -133,15 +135,15 @@ impl Core {
     }
 
     /// The `ROOMS` stream's epoch, once the consumer has seen the stream.
-    pub fn stream_epoch(&self) -> Option<u64> {
+    pub fn stream_epoch(&self) -> Option<StreamEpoch> {
         match self.epoch.load(Ordering::Relaxed) {
             0 => None,
-            e => Some(e),
+            e => Some(StreamEpoch::from_unix_nanos(e)),
         }
     }
 
-    pub fn set_stream_epoch(&self, epoch: u64) {
-        self.epoch.store(epoch, Ordering::Relaxed);
+    pub fn set_stream_epoch(&self, epoch: StreamEpoch) {
+        self.epoch.store(epoch.unix_nanos(), Ordering::Relaxed);
     }
 
     /// Changes a room by compare-and-set; `f` may queue events into the record's outbox.
