@@ -618,9 +618,10 @@ proptest! {
         key in proptest::option::of(token(64)),
         invite in token(2048),
         room in id(),
+        link_room in proptest::option::of(id()),
     ) {
         command_round_trip(&CreateRoom { requester: requester.clone(), guild, name, idempotency_key: key });
-        command_round_trip(&JoinRoom { requester: requester.clone(), invite });
+        command_round_trip(&JoinRoom { requester: requester.clone(), invite, room: link_room });
         command_round_trip(&RoomCommand { requester: requester.clone(), room });
         command_round_trip(&ListMine { requester });
     }
