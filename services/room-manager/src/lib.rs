@@ -65,7 +65,9 @@ pub const SERVICE: &str = "room-manager";
 pub const DEFAULT_PORT: u16 = 8082;
 /// The simulator's bot token, used when no token is configured (the dev stack runs the simulator).
 pub const SIM_BOT_TOKEN: &str = "sim-bot-token";
-/// The simulator's seeded guild: the allow-list when none is configured and no token is set.
+/// Discord's own REST API: with it, `rooms.guilds` must be configured.
+pub const DISCORD_API: &str = "https://discord.com/";
+/// The simulator's seeded guild: the allow-list when none is configured against a simulator.
 pub const SIM_GUILD: u64 = 200_000_000_000_000_001;
 /// Components `/readyz` requires to be running.
 pub const REQUIRED: &[&str] = &["room_api", "events"];
@@ -79,17 +81,18 @@ pub fn load_settings() -> Result<Settings, SettingsError> {
     Ok(settings)
 }
 
-/// The guild allow-list: `rooms.guilds`; when empty, the simulator's guild if no bot token is
-/// configured (the dev stack), else an error — with a real bot every guild must be named.
+/// The guild allow-list: `rooms.guilds`; when empty, the simulator's guild if `discord.api_base`
+/// is not Discord's own (the dev stack, tests), else an error — against Discord every guild the
+/// bot may create rooms in must be named.
 pub fn allowed_guilds(s: &RoomManagerSettings) -> Result<Vec<GuildId>, SettingsError> {
     let guilds = s.rooms.guild_list()?;
     if !guilds.is_empty() {
         return Ok(guilds);
     }
-    if s.discord.token.is_some() {
+    if s.discord.api_base.starts_with(DISCORD_API) {
         return Err(SettingsError::invalid(
             "rooms.guilds",
-            "must list the guild ids rooms may be created in (comma separated) when discord.token is set",
+            "must list the guild ids rooms may be created in (comma separated) against Discord",
         ));
     }
     GuildId::new(SIM_GUILD)
@@ -331,5 +334,32 @@ fn start_components(
         supervisor.spawn("replicas", move |up| {
             replicas::run(core.clone(), token.clone(), up)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guild_allow_list_is_required_against_discord_and_defaults_to_the_simulators_guild() {
+        let mut s = RoomManagerSettings::default();
+        let err = allowed_guilds(&s).unwrap_err().to_string();
+        assert!(err.contains("rooms.guilds"), "{err}");
+        s.discord.api_base = "http://127.0.0.1:8790/api/v10".into();
+        assert_eq!(
+            allowed_guilds(&s).unwrap(),
+            vec![GuildId::new(SIM_GUILD).unwrap()]
+        );
+        s.rooms.guilds = " 11, 22 ".into();
+        assert_eq!(
+            allowed_guilds(&s).unwrap(),
+            vec![GuildId::new(11).unwrap(), GuildId::new(22).unwrap()]
+        );
+        s.rooms.guilds = "11,x".into();
+        assert!(allowed_guilds(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("rooms.guilds"));
     }
 }

@@ -53,7 +53,8 @@ pub struct RoomsSettings {
     pub reconcile_grace_ms: u64,
     /// Guilds rooms may be created in, comma separated. A create naming any other guild is
     /// refused with `validation` before any Discord call. Empty: the simulator's seeded guild
-    /// when no bot token is configured (the dev stack); with a token it must be set.
+    /// when `discord.api_base` is a simulator (the dev stack, tests); against Discord it must be
+    /// set.
     pub guilds: String,
 }
 

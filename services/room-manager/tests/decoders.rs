@@ -117,7 +117,10 @@ proptest! {
 fn discords_own_headers_parse() {
     let now = Instant::now();
     let h = headers(&[
-        ("x-ratelimit-bucket", "abcd1234cdef1234abcd1234cdef1234".into()),
+        (
+            "x-ratelimit-bucket",
+            "abcd1234cdef1234abcd1234cdef1234".into(),
+        ),
         ("x-ratelimit-limit", "5".into()),
         ("x-ratelimit-remaining", "4".into()),
         ("x-ratelimit-reset-after", "1.234".into()),
