@@ -45,8 +45,11 @@ const MAX_CAS_ATTEMPTS: u32 = 200;
 /// jittered, so many contenders spread out.
 const CONTENTION: Backoff =
     Backoff::new(Duration::from_micros(200), Duration::from_millis(4)).with_jitter(Jitter::Full);
-/// Longest wait for the next entry of a scan.
-const SCAN_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait for the next entry of a scan before it is started over.
+const SCAN_WAIT: Duration = Duration::from_secs(3);
+/// Scans started over after a stall before the scan fails.
+const SCAN_ATTEMPTS: u32 = 3;
+const STALLED: &str = "scan stalled";
 /// Most idempotency keys remembered per user.
 const MAX_RECENT_KEYS: usize = 16;
 
@@ -318,6 +321,27 @@ pub async fn scan<T: DeserializeOwned>(
     prefix: &str,
     max: usize,
 ) -> Result<Vec<(String, T, u64)>, StoreError> {
+    // A consumer that stops delivering (seen under heavy load) is given up and the scan started
+    // over with a new one, a few times.
+    let mut attempt = 0u32;
+    loop {
+        match scan_once(store, prefix, max).await {
+            Err(StoreError::Unavailable(reason))
+                if reason == STALLED && attempt < SCAN_ATTEMPTS =>
+            {
+                attempt = attempt.saturating_add(1);
+                tracing::debug!(bucket = %store.name, attempt, "KV scan stalled; starting over");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn scan_once<T: DeserializeOwned>(
+    store: &kv::Store,
+    prefix: &str,
+    max: usize,
+) -> Result<Vec<(String, T, u64)>, StoreError> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
     let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
@@ -345,7 +369,7 @@ pub async fn scan<T: DeserializeOwned>(
             Ok(Some(Ok(m))) => m,
             Ok(Some(Err(e))) => return Err(unavailable(&e)),
             Ok(None) => return Err(StoreError::Unavailable("scan ended early".into())),
-            Err(_) => return Err(StoreError::Unavailable("scan timed out".into())),
+            Err(_) => return Err(StoreError::Unavailable(STALLED.into())),
         };
         let info = msg.info().map_err(|e| unavailable(&e))?;
         let (revision, remaining) = (info.stream_sequence, info.pending);
