@@ -18,29 +18,12 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use discord_sim::{RestFault, RestFaultKind, SimEventKind};
+use discord_sim::{RestFault, RestFaultKind};
 use room_manager::settings::RoomsSettings;
 use support::*;
 use voicerooms_contract::command::{CreateRoom, Created, JoinRoom, Joined};
 use voicerooms_contract::subject::CommandKind;
 use voicerooms_contract::{ErrorCode, GuildId, UserRef};
-
-/// (method, path, status) of every REST call the simulator answered.
-fn rest_calls(env: &Env) -> Vec<(String, String, u16)> {
-    env.sim
-        .events()
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            SimEventKind::Rest {
-                method,
-                path,
-                status,
-                ..
-            } => Some((method, path, status)),
-            _ => None,
-        })
-        .collect()
-}
 
 /// `n` new guild members.
 fn members(env: &Env, prefix: &str, n: usize) -> Vec<UserRef> {
@@ -83,7 +66,7 @@ async fn creates_in_foreign_and_unknown_guilds_are_refused_before_any_discord_ca
     }
 
     assert_eq!(
-        rest_calls(&env),
+        rest_calls(&env.sim),
         vec![],
         "no Discord call for a guild not on the allow-list"
     );
@@ -164,7 +147,7 @@ async fn a_create_whose_answer_times_out_is_looked_up_not_sent_again_so_nothing_
             })
             .unwrap();
         creates_with_a_slow_answer(&env, &owners, what).await;
-        let posts = rest_calls(&env)
+        let posts = rest_calls(&env.sim)
             .iter()
             .filter(|c| c.0 == "POST" && c.1.ends_with(&format!("/guilds/{GUILD}/{what}s")))
             .count();
@@ -251,7 +234,7 @@ async fn a_failed_create_under_a_429_and_5xx_storm_leaves_nothing_within_30_s() 
         "storm: nothing left {:?} after the create started",
         started.elapsed()
     );
-    let deletes = rest_calls(&env)
+    let deletes = rest_calls(&env.sim)
         .iter()
         .filter(|c| c.0 == "DELETE" && c.1.contains("/roles/"))
         .count();
@@ -343,7 +326,7 @@ async fn with_the_simulators_default_limits_fifty_creates_and_fifty_joins_meet_a
         }
     }
 
-    let calls = rest_calls(&env);
+    let calls = rest_calls(&env.sim);
     let limited = calls.iter().filter(|c| c.2 == 429).count();
     let invalid = env.sim.invalid_request_count();
     let mut by_route: HashMap<String, (usize, usize)> = HashMap::new();

@@ -16,7 +16,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use discord_sim::{seed, RestFault, RestFaultKind, SimEventKind};
+use discord_sim::{seed, RestFault, RestFaultKind};
 use room_manager::settings::RoomsSettings;
 use room_manager::store::{owner_key, OwnerIndex};
 use support::*;
@@ -282,23 +282,9 @@ async fn a_replica_killed_in_the_middle_of_a_create_leaves_no_orphans_after_reco
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn room-manager");
-    let rest = |sim: &discord_sim::SimHandle| -> Vec<(String, String, u16)> {
-        sim.events()
-            .into_iter()
-            .filter_map(|e| match e.kind {
-                SimEventKind::Rest {
-                    method,
-                    path,
-                    status,
-                    ..
-                } => Some((method, path, status)),
-                _ => None,
-            })
-            .collect()
-    };
     // Its start-up reconciliation is done once it listed the channels.
     eventually("start-up reconciliation", || async {
-        rest(&sim)
+        rest_calls(&sim)
             .iter()
             .any(|e| e.0 == "GET" && e.1.ends_with("/channels"))
     })
@@ -333,7 +319,7 @@ async fn a_replica_killed_in_the_middle_of_a_create_leaves_no_orphans_after_reco
         .await
     });
     eventually("the role was created", || async {
-        rest(&sim)
+        rest_calls(&sim)
             .iter()
             .any(|e| e.0 == "POST" && e.1.ends_with("/roles") && e.2 == 200)
     })

@@ -323,17 +323,10 @@ impl Env {
     /// Waits until every replica's start-up reconciliation has listed channels (so injected REST
     /// faults hit the calls under test, not the reconciler's).
     pub async fn wait_startup_reconcile(&self) {
-        let n = self.replicas.len();
         eventually("start-up reconciliation", || async {
-            self.sim
-                .events()
-                .into_iter()
-                .filter(|e| {
-                    matches!(&e.kind, discord_sim::SimEventKind::Rest { method, path, .. }
-                        if method == "GET" && path.ends_with("/channels"))
-                })
-                .count()
-                >= n
+            self.replicas
+                .iter()
+                .all(|r| r.app_core.metrics.reconcile_passes.get() >= 1)
         })
         .await;
     }
@@ -515,6 +508,22 @@ pub fn room_channels(sim: &SimHandle) -> Vec<serde_json::Value> {
                 id_of(c),
                 Some(seed::LOBBY_CHANNEL_ID | seed::GAMING_CHANNEL_ID | seed::TEXT_CHANNEL_ID)
             )
+        })
+        .collect()
+}
+
+/// (method, path, status) of every REST call the simulator answered.
+pub fn rest_calls(sim: &SimHandle) -> Vec<(String, String, u16)> {
+    sim.events()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            discord_sim::SimEventKind::Rest {
+                method,
+                path,
+                status,
+                ..
+            } => Some((method, path, status)),
+            _ => None,
         })
         .collect()
 }
