@@ -182,7 +182,9 @@ impl Application {
                 .checked_div(4)
                 .unwrap_or_default()
                 .min(Duration::from_secs(2));
-            tasks.spawn(async move {
+            // Not on the task tracker: shutdown must not wait for this timer when every command
+            // has already answered.
+            tokio::spawn(async move {
                 token.cancelled().await;
                 tokio::time::sleep(grace.saturating_sub(margin)).await;
                 stop.cancel();
