@@ -41,6 +41,8 @@ pub struct GatewayConfig {
     /// (`gateway_session_start_reserve`) instead, until Discord resets the budget. Discord resets
     /// the bot's token when the budget runs out.
     pub session_start_reserve: u64,
+    /// How often a shard's holder republishes its status and refreshes it in KV (ms).
+    pub status_interval_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -60,6 +62,7 @@ impl Default for GatewayConfig {
             lease_ttl_ms: 6_000,
             lease_renew_ms: 1_000,
             session_start_reserve: 100,
+            status_interval_ms: 5_000,
         }
     }
 }
@@ -125,6 +128,12 @@ impl GatewayConfig {
             return Err(SettingsError::invalid(
                 "gateway.lease_bucket",
                 "1-64 of [A-Za-z0-9_-]",
+            ));
+        }
+        if self.status_interval_ms == 0 {
+            return Err(SettingsError::invalid(
+                "gateway.status_interval_ms",
+                "must be > 0",
             ));
         }
         if self.lease_renew_ms == 0 || self.lease_ttl_ms < 2 * self.lease_renew_ms {

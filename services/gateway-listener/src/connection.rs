@@ -40,7 +40,7 @@ use crate::cache::{Change, VoiceCache};
 use crate::config::GatewayConfig;
 use crate::discord;
 use crate::identify::{BotError, IdentifyError, IdentifyQueue};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::{self, op, NextStep};
 use crate::publisher::{Batch, SessionInfo};
 use crate::takeover::Restored;
@@ -103,11 +103,16 @@ impl Health {
 #[derive(Clone)]
 pub struct Reporter {
     pub nats: async_nats::Client,
-    pub metrics: Metrics,
+    /// This shard's metrics.
+    pub metrics: ShardMetrics,
+    /// The replica's metrics (operator alerts).
+    pub all: Metrics,
     pub health: Arc<Health>,
     pub instance: String,
     pub shard: u32,
     pub shard_count: u32,
+    /// The latest status, for the status task (last value in KV, periodic republish).
+    pub latest: Arc<tokio::sync::watch::Sender<Option<GatewayStatus>>>,
 }
 
 impl Reporter {
@@ -133,7 +138,8 @@ impl Reporter {
             at: now_ms(),
             detail: detail.map(|d| d.chars().take(400).collect()),
         };
-        // Core NATS, fire and forget: a status is a snapshot, the next one supersedes it.
+        // Core NATS, fire and forget: a status is a snapshot, the next one supersedes it. Every
+        // change goes out at once; the status task keeps the last one in KV and republishes it.
         if let Err(e) = self
             .nats
             .publish(status.subject(), status.encode().into())
@@ -141,6 +147,7 @@ impl Reporter {
         {
             tracing::debug!(error = %e, "status not published");
         }
+        self.latest.send_replace(Some(status));
     }
 
     pub async fn alert(&self, severity: Severity, code: &str, message: String) {
@@ -153,7 +160,7 @@ impl Reporter {
             message: message.chars().take(400).collect(),
             at: now_ms(),
         };
-        self.metrics
+        self.all
             .operator_alerts
             .get_or_create(&vec![
                 ("service".to_owned(), crate::SERVICE.to_owned()),

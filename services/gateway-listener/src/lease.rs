@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use voicerooms_contract::now_ms;
+use voicerooms_contract::status::{pool_key, ShardLease};
 
 use crate::config::GatewayConfig;
 use crate::publisher::Checkpoint;
@@ -33,12 +33,6 @@ pub enum LeaseError {
     Lost,
     #[error("lease store unavailable: {0}")]
     Unavailable(String),
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct LeaseValue {
-    holder: String,
-    expires_at: u64,
 }
 
 pub struct Lease {
@@ -70,8 +64,8 @@ impl Lease {
         let (shard, count) = (config.shard_id, config.shard_count);
         Ok(Self {
             kv,
-            key: format!("shard-{shard}-of-{count}.lease"),
-            checkpoint_key: format!("shard-{shard}-of-{count}.checkpoint"),
+            key: pool_key::lease(shard, count),
+            checkpoint_key: pool_key::checkpoint(shard, count),
             instance: instance.to_owned(),
             ttl: Duration::from_millis(config.lease_ttl_ms),
             op_timeout: Duration::from_millis(config.lease_renew_ms),
@@ -91,6 +85,11 @@ impl Lease {
             .map_err(|_| LeaseError::Unavailable("lease store request timed out".into()))
     }
 
+    /// The pool bucket.
+    pub fn store(&self) -> kv::Store {
+        self.kv.clone()
+    }
+
     /// How long a written lease lasts.
     pub fn ttl(&self) -> Duration {
         self.ttl
@@ -98,7 +97,7 @@ impl Lease {
 
     fn value(&self, expires_at: u64) -> Bytes {
         Bytes::from(
-            serde_json::to_vec(&LeaseValue {
+            serde_json::to_vec(&ShardLease {
                 holder: self.instance.clone(),
                 expires_at,
             })
@@ -121,7 +120,7 @@ impl Lease {
                 .await?
                 .map_err(|e| e.to_string()),
             Some(entry) => {
-                let current: Option<LeaseValue> = serde_json::from_slice(&entry.value).ok();
+                let current: Option<ShardLease> = serde_json::from_slice(&entry.value).ok();
                 let free = match &current {
                     Some(v) => v.holder == self.instance || v.expires_at <= now_ms(),
                     None => true,

@@ -39,6 +39,7 @@ pub mod lease;
 pub mod metrics;
 pub mod protocol;
 pub mod publisher;
+pub mod status;
 pub mod takeover;
 
 use std::future::Future;
@@ -113,13 +114,16 @@ impl Application {
         match settings.service.discord.token.clone() {
             None => tracing::warn!("no discord.token configured: the gateway connection is off"),
             Some(token) => {
+                metrics.cover_pool(gw.shard_count);
                 let report = Reporter {
                     nats: builder.nats().clone(),
-                    metrics,
+                    metrics: metrics.shard(gw.shard_id),
+                    all: metrics,
                     health: health.clone(),
                     instance: builder.instance().to_owned(),
                     shard: gw.shard_id,
                     shard_count: gw.shard_count,
+                    latest: Arc::new(tokio::sync::watch::channel(None).0),
                 };
                 let sup = Supervisor {
                     config: gw,
@@ -198,6 +202,13 @@ impl Supervisor {
                 _ = tokio::time::sleep(renew_every) => {}
             }
         };
+        self.tasks.spawn(status::run(
+            self.report.nats.clone(),
+            lease.store(),
+            self.report.latest.subscribe(),
+            Duration::from_millis(self.config.status_interval_ms),
+            shutdown.clone(),
+        ));
         loop {
             // Standby until the lease is ours.
             let mut announced = false;

@@ -1,4 +1,10 @@
-//! Gateway metrics (`voicerooms_gateway_*` on `/metrics`).
+//! Gateway metrics (`voicerooms_gateway_*` on `/metrics`), labelled by shard.
+//!
+//! [`Metrics`] holds the families; [`ShardMetrics`] is one shard's handles into them. Every
+//! replica reports `voicerooms_gateway_connected{shard}` for **every** shard of the pool — 1 where
+//! it holds that shard with a connected session, 0 elsewhere — so `max by (shard)` over the
+//! replicas is 0 exactly for a shard nobody holds connected (the per-shard alert), even when its
+//! holder is gone and reports nothing.
 
 use std::sync::atomic::AtomicU64;
 
@@ -9,58 +15,152 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use voicerooms_contract::status::GatewayState;
 
+type Labels = Vec<(String, String)>;
+
+fn shard_label(shard: u32) -> Labels {
+    vec![("shard".to_owned(), shard.to_string())]
+}
+
+fn rtt_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+fn publish_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+}
+
 #[derive(Clone)]
 pub struct Metrics {
-    /// 1 for the current state, 0 for the others.
-    pub state: Family<Vec<(String, String)>, Gauge>,
-    /// 1 while this replica holds a connected session (0 on a standby).
-    pub connected: Gauge,
+    /// 1 for the current state, 0 for the others, by shard (shards this replica runs).
+    pub state: Family<Labels, Gauge>,
+    /// 1 while this replica holds the shard with a connected session; 0 for every other shard.
+    pub connected: Family<Labels, Gauge>,
     /// Consecutive failed connection attempts.
-    pub attempts: Gauge,
-    pub resumes: Counter,
-    pub identifies: Counter,
-    pub heartbeat_rtt: Histogram,
+    pub attempts: Family<Labels, Gauge>,
+    pub resumes: Family<Labels, Counter>,
+    pub identifies: Family<Labels, Counter>,
+    pub heartbeat_rtt: Family<Labels, Histogram, fn() -> Histogram>,
     /// Seconds since the last heartbeat ACK, updated at every heartbeat and ACK.
-    pub last_ack_age: Gauge<f64, AtomicU64>,
+    pub last_ack_age: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Gateway dispatches received.
-    pub events_in: Counter,
+    pub events_in: Family<Labels, Counter>,
     /// Events stored in the ROOMS stream.
-    pub events_out: Counter,
+    pub events_out: Family<Labels, Counter>,
     /// Publishes the stream recognised as duplicates (replays, retries).
-    pub events_duplicate: Counter,
+    pub events_duplicate: Family<Labels, Counter>,
     /// Gateway payloads rejected as malformed.
-    pub events_rejected: Counter,
-    pub publish_latency: Histogram,
-    pub publish_retries: Counter,
+    pub events_rejected: Family<Labels, Counter>,
+    pub publish_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    pub publish_retries: Family<Labels, Counter>,
     /// Dispatches waiting to be published.
-    pub queue_depth: Gauge,
+    pub queue_depth: Family<Labels, Gauge>,
     /// Operator alerts raised (and resolved) by this replica, by service, code and severity.
-    pub operator_alerts: Family<Vec<(String, String)>, Counter>,
+    pub operator_alerts: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             state: Family::default(),
-            connected: Gauge::default(),
-            attempts: Gauge::default(),
-            resumes: Counter::default(),
-            identifies: Counter::default(),
-            heartbeat_rtt: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
-            last_ack_age: Gauge::default(),
-            events_in: Counter::default(),
-            events_out: Counter::default(),
-            events_duplicate: Counter::default(),
-            events_rejected: Counter::default(),
-            publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
-            publish_retries: Counter::default(),
-            queue_depth: Gauge::default(),
+            connected: Family::default(),
+            attempts: Family::default(),
+            resumes: Family::default(),
+            identifies: Family::default(),
+            heartbeat_rtt: Family::new_with_constructor(rtt_histogram),
+            last_ack_age: Family::default(),
+            events_in: Family::default(),
+            events_out: Family::default(),
+            events_duplicate: Family::default(),
+            events_rejected: Family::default(),
+            publish_latency: Family::new_with_constructor(publish_histogram),
+            publish_retries: Family::default(),
+            queue_depth: Family::default(),
             operator_alerts: Family::default(),
         }
     }
 }
 
+/// One shard's metric handles (cheap clones of the family entries).
+#[derive(Clone)]
+pub struct ShardMetrics {
+    shard: u32,
+    state: Family<Labels, Gauge>,
+    pub connected: Gauge,
+    pub attempts: Gauge,
+    pub resumes: Counter,
+    pub identifies: Counter,
+    pub heartbeat_rtt: Histogram,
+    pub last_ack_age: Gauge<f64, AtomicU64>,
+    pub events_in: Counter,
+    pub events_out: Counter,
+    pub events_duplicate: Counter,
+    pub events_rejected: Counter,
+    pub publish_latency: Histogram,
+    pub publish_retries: Counter,
+    pub queue_depth: Gauge,
+}
+
+impl ShardMetrics {
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    pub fn set_state(&self, state: GatewayState) {
+        self.connected
+            .set(i64::from(state == GatewayState::Connected));
+        for s in GatewayState::ALL {
+            self.state
+                .get_or_create(&vec![
+                    ("shard".to_owned(), self.shard.to_string()),
+                    ("state".to_owned(), s.as_str().to_owned()),
+                ])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// This replica no longer runs the shard: `connected` 0, no state series.
+    pub fn release(&self) {
+        self.connected.set(0);
+        for s in GatewayState::ALL {
+            self.state.remove(&vec![
+                ("shard".to_owned(), self.shard.to_string()),
+                ("state".to_owned(), s.as_str().to_owned()),
+            ]);
+        }
+    }
+}
+
 impl Metrics {
+    /// The handles of one shard.
+    pub fn shard(&self, shard: u32) -> ShardMetrics {
+        let l = shard_label(shard);
+        ShardMetrics {
+            shard,
+            state: self.state.clone(),
+            connected: self.connected.get_or_create(&l).clone(),
+            attempts: self.attempts.get_or_create(&l).clone(),
+            resumes: self.resumes.get_or_create(&l).clone(),
+            identifies: self.identifies.get_or_create(&l).clone(),
+            heartbeat_rtt: self.heartbeat_rtt.get_or_create(&l).clone(),
+            last_ack_age: self.last_ack_age.get_or_create(&l).clone(),
+            events_in: self.events_in.get_or_create(&l).clone(),
+            events_out: self.events_out.get_or_create(&l).clone(),
+            events_duplicate: self.events_duplicate.get_or_create(&l).clone(),
+            events_rejected: self.events_rejected.get_or_create(&l).clone(),
+            publish_latency: self.publish_latency.get_or_create(&l).clone(),
+            publish_retries: self.publish_retries.get_or_create(&l).clone(),
+            queue_depth: self.queue_depth.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Reports `connected{shard}` (0 unless set otherwise) for every shard of a pool of
+    /// `count`: the series a per-shard alert needs even for shards this replica does not run.
+    pub fn cover_pool(&self, count: u32) {
+        for shard in 0..count {
+            let _ = self.connected.get_or_create(&shard_label(shard));
+        }
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "operator_alerts",
@@ -69,12 +169,12 @@ impl Metrics {
         );
         r.register(
             "gateway_connected",
-            "1 while this replica holds a connected gateway session",
+            "1 while this replica holds the shard with a connected gateway session (0 for every other shard of the pool)",
             self.connected.clone(),
         );
         r.register(
             "gateway_state",
-            "Gateway connection state (1 = current)",
+            "Gateway connection state of each shard this replica runs (1 = current)",
             self.state.clone(),
         );
         r.register(
@@ -125,7 +225,7 @@ impl Metrics {
         );
         r.register(
             "gateway_publish_retries",
-            "Publish rounds retried",
+            "Publishes retried",
             self.publish_retries.clone(),
         );
         r.register(
@@ -133,15 +233,5 @@ impl Metrics {
             "Dispatches waiting to be published",
             self.queue_depth.clone(),
         );
-    }
-
-    pub fn set_state(&self, state: GatewayState) {
-        self.connected
-            .set(i64::from(state == GatewayState::Connected));
-        for s in GatewayState::ALL {
-            self.state
-                .get_or_create(&vec![("state".to_owned(), s.as_str().to_owned())])
-                .set(i64::from(s == state));
-        }
     }
 }

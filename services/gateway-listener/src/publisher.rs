@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use voicerooms_contract::{now_ms, RoomEvent};
 
 use crate::cache::{GuildSnapshot, VoiceCache};
-use crate::metrics::Metrics;
+use crate::metrics::ShardMetrics as Metrics;
 
 /// The session a dispatch came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

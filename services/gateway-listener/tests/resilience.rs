@@ -110,15 +110,15 @@ async fn status_and_metrics_follow_the_state_machine() {
     assert!(contains_in_order(&states, &again), "{states:?}");
     let metrics = gw.metrics().await;
     for line in [
-        "voicerooms_gateway_connected 1",
-        "voicerooms_gateway_resumes_total 1",
-        "voicerooms_gateway_identifies_total 1",
-        "voicerooms_gateway_events_out_total 1",
-        "voicerooms_gateway_state{state=\"connected\"} 1",
+        "voicerooms_gateway_connected{shard=\"0\"} 1",
+        "voicerooms_gateway_resumes_total{shard=\"0\"} 1",
+        "voicerooms_gateway_identifies_total{shard=\"0\"} 1",
+        "voicerooms_gateway_events_out_total{shard=\"0\"} 1",
+        "voicerooms_gateway_state{shard=\"0\",state=\"connected\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
-    assert!(metrics.contains("voicerooms_gateway_publish_latency_seconds_count 1"));
+    assert!(metrics.contains("voicerooms_gateway_publish_latency_seconds_count{shard=\"0\"} 1"));
     assert!(metrics.contains("voicerooms_gateway_heartbeat_rtt_seconds_count"));
     gw.stop_app().await;
 }
@@ -171,7 +171,8 @@ async fn events_made_while_nats_is_down_are_published_once_it_returns() {
         "publishes being retried",
         || async {
             gw.metrics().await.lines().any(|l| {
-                l.starts_with("voicerooms_gateway_publish_retries_total ") && !l.ends_with(" 0")
+                l.starts_with("voicerooms_gateway_publish_retries_total{shard=\"0\"} ")
+                    && !l.ends_with(" 0")
             })
         },
     )
@@ -216,7 +217,10 @@ async fn a_full_publish_queue_during_a_nats_outage_holds_discord_back_and_loses_
     gw.wait_connected().await;
     gw.sim.connect_voice(ALICE, LOBBY).unwrap();
     gw.wait_events(1).await;
-    let read_before = metric_value(&gw.metrics().await, "voicerooms_gateway_events_in_total");
+    let read_before = metric_value(
+        &gw.metrics().await,
+        "voicerooms_gateway_events_in_total{shard=\"0\"}",
+    );
 
     // Act: NATS goes away and six voice changes (six dispatches) come from Discord.
     gw.nats.stop();
@@ -229,13 +233,20 @@ async fn a_full_publish_queue_during_a_nats_outage_holds_discord_back_and_loses_
     wait_until(
         Duration::from_secs(15),
         "the publish queue full",
-        || async { metric_value(&gw.metrics().await, "voicerooms_gateway_queue_depth") >= 1.0 },
+        || async {
+            metric_value(
+                &gw.metrics().await,
+                "voicerooms_gateway_queue_depth{shard=\"0\"}",
+            ) >= 1.0
+        },
     )
     .await;
     // Backpressure: with one publish retrying, one queued and one held, the listener stops
     // reading the gateway; the rest waits at "Discord".
-    let read_during =
-        metric_value(&gw.metrics().await, "voicerooms_gateway_events_in_total") - read_before;
+    let read_during = metric_value(
+        &gw.metrics().await,
+        "voicerooms_gateway_events_in_total{shard=\"0\"}",
+    ) - read_before;
     assert!(
         read_during < 6.0,
         "the listener kept reading ({read_during} dispatches) with its queue full"
@@ -476,7 +487,7 @@ async fn nats_killed_ten_times_under_200_changes_per_second_keeps_dispatch_order
         .await;
         let retries = metric_value(
             &gw.metrics().await,
-            "voicerooms_gateway_publish_retries_total",
+            "voicerooms_gateway_publish_retries_total{shard=\"0\"}",
         );
         gw.nats.stop();
         tokio::time::sleep(Duration::from_millis(500 + 200 * round)).await;
@@ -484,7 +495,7 @@ async fn nats_killed_ten_times_under_200_changes_per_second_keeps_dispatch_order
         gw.client = gw.nats.client().await;
         let retried = metric_value(
             &gw.metrics().await,
-            "voicerooms_gateway_publish_retries_total",
+            "voicerooms_gateway_publish_retries_total{shard=\"0\"}",
         ) - retries;
         outages.push(retried);
     }

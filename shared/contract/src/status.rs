@@ -91,6 +91,43 @@ impl Validate for GatewayStatus {
     }
 }
 
+/// The gateway pool's JetStream KV bucket (`gateway.lease_bucket`'s default): shard leases,
+/// session checkpoints, the last status of each shard, the identify queue and the pool's members
+/// and shard count. Keys are built only here.
+pub const GATEWAY_POOL_BUCKET: &str = "gateway_leases";
+
+/// Keys of the gateway pool's bucket. `<id>` and `<count>` are a shard and the shard count (the
+/// count is part of the key, so two shard counts never share a lease).
+pub mod pool_key {
+    /// `shard-<id>-of-<count>.lease`: [`super::ShardLease`].
+    pub fn lease(shard: u32, count: u32) -> String {
+        format!("shard-{shard}-of-{count}.lease")
+    }
+    /// `shard-<id>-of-<count>.checkpoint`: the holder's session checkpoint (gateway-internal).
+    pub fn checkpoint(shard: u32, count: u32) -> String {
+        format!("shard-{shard}-of-{count}.checkpoint")
+    }
+    /// `shard-<id>-of-<count>.status`: the holder's last [`super::GatewayStatus`], rewritten at
+    /// every change and every `gateway.status_interval_ms`.
+    pub fn status(shard: u32, count: u32) -> String {
+        format!("shard-{shard}-of-{count}.status")
+    }
+    /// `(shard, count)` of a `shard-<id>-of-<count>.<what>` key, with `<what>`.
+    pub fn parse(key: &str) -> Option<(u32, u32, &str)> {
+        let (shard_part, what) = key.split_once('.')?;
+        let rest = shard_part.strip_prefix("shard-")?;
+        let (id, count) = rest.split_once("-of-")?;
+        Some((id.parse().ok()?, count.parse().ok()?, what))
+    }
+}
+
+/// A shard's lease in the pool bucket: who holds it and until when (wall clock). Expired = free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLease {
+    pub holder: String,
+    pub expires_at: Millis,
+}
+
 /// How urgent an alert is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -180,6 +217,21 @@ mod tests {
         };
         assert_eq!(OperatorAlert::decode(&alert.encode()).unwrap(), alert);
         assert_eq!(alert.subject().unwrap(), "ops.alerts.gateway-listener");
+    }
+
+    #[test]
+    fn pool_keys_are_built_and_parsed_in_one_place() {
+        assert_eq!(pool_key::lease(3, 8), "shard-3-of-8.lease");
+        assert_eq!(
+            pool_key::parse("shard-3-of-8.status"),
+            Some((3, 8, "status"))
+        );
+        assert_eq!(
+            pool_key::parse(&pool_key::checkpoint(0, 1)),
+            Some((0, 1, "checkpoint"))
+        );
+        assert_eq!(pool_key::parse("identify"), None);
+        assert_eq!(pool_key::parse("shard-x-of-8.lease"), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use serde::Serialize;
-use voicerooms_contract::status::{GatewayStatus, OperatorAlert};
+use voicerooms_contract::status::{pool_key, GatewayStatus, OperatorAlert, ShardLease};
 use voicerooms_contract::subject::{self, Subject, ROOMS_STREAM};
 use voicerooms_contract::{now_ms, EventKind, GuildId, Millis, RoomEvent, RoomId, UserId};
 
@@ -54,8 +54,11 @@ pub struct Options {
     pub follow: bool,
     /// Stop after this many lines.
     pub limit: Option<u64>,
-    /// Also show gateway status and operator alerts (live only; not narrowed by the filters).
+    /// Also show gateway status and operator alerts (live only; not narrowed by the filters):
+    /// first every shard's last status from the gateway pool's KV bucket, then live updates.
     pub ops: bool,
+    /// The gateway pool's KV bucket (`VOICEROOMS__GATEWAY__LEASE_BUCKET`).
+    pub gateway_bucket: String,
 }
 
 impl Default for Options {
@@ -71,6 +74,7 @@ impl Default for Options {
             follow: false,
             limit: None,
             ops: false,
+            gateway_bucket: voicerooms_contract::status::GATEWAY_POOL_BUCKET.to_owned(),
         }
     }
 }
@@ -93,7 +97,10 @@ USAGE: vr-tail [OPTIONS]
                       milliseconds, or an age (90s, 15m, 2h, 1d)
   --follow            after a replay, keep following new events
   --limit N           stop after N lines
-  --ops               also show gateway.*.status and ops.alerts.> (live mode)
+  --ops               also show gateway.*.status and ops.alerts.> (live mode): first every
+                      shard's last status (with its holder, from the gateway pool's KV
+                      bucket), then changes as they happen
+  --gateway-bucket B  the gateway pool's KV bucket (default: gateway_leases)
   -h, --help          this text
 
 Lines: TIME SUBJECT KIND room=ID guild=ID user=ID(NAME) seq=N latency=MS
@@ -139,6 +146,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Options, St
             "--json" => options.json = true,
             "--follow" => options.follow = true,
             "--ops" => options.ops = true,
+            "--gateway-bucket" => options.gateway_bucket = value("--gateway-bucket")?,
             "--since-seq" => {
                 let n: u64 = value("--since-seq")?
                     .parse()
@@ -226,6 +234,10 @@ pub struct Line {
     pub latency_ms: Option<i64>,
     /// The full payload (the event with `seq` filled in, the status or the alert).
     pub event: serde_json::Value,
+    /// For a shard's last status read at start: who holds the shard now, when that is not the
+    /// replica that wrote the status (`no holder: lease expired 12 s ago`, `held by gw-b`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Line {
@@ -245,6 +257,7 @@ impl Line {
             seq: Some(seq),
             latency_ms: Some(latency_ms),
             event: serde_json::to_value(&event).unwrap_or(serde_json::Value::Null),
+            note: None,
         }
     }
 
@@ -268,6 +281,9 @@ impl Line {
         }
         if self.kind == "gateway.status" || self.kind == "ops.alert" {
             out.push_str(&format!(" {}", self.event));
+        }
+        if let Some(note) = &self.note {
+            out.push_str(&format!(" note={note:?}"));
         }
         out
     }
@@ -328,6 +344,8 @@ fn limited(options: &Options, mut emit: impl FnMut(Line) -> bool) -> impl FnMut(
 pub struct LiveTail {
     options: Options,
     messages: futures::stream::SelectAll<async_nats::Subscriber>,
+    /// `--ops`: every shard's last status, printed before the live lines.
+    initial: Vec<Line>,
 }
 
 impl LiveTail {
@@ -343,9 +361,17 @@ impl LiveTail {
         }
         // The server has registered the interest once the flush round trip is done.
         client.flush().await.context("flushing subscriptions")?;
+        // Subscribed first, then the snapshot: a change in between shows up twice at worst,
+        // never not at all.
+        let initial = if options.ops {
+            shard_statuses(client, &options.gateway_bucket).await
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             options: options.clone(),
             messages: futures::stream::select_all(subscriptions),
+            initial,
         })
     }
 
@@ -356,6 +382,12 @@ impl LiveTail {
         }
         let mut count = 0u64;
         let mut take = limited(&self.options, emit);
+        for line in std::mem::take(&mut self.initial) {
+            count = count.saturating_add(1);
+            if !take(line) {
+                return Ok(count);
+            }
+        }
         while let Some(message) = self.messages.next().await {
             let line = match Subject::parse(&message.subject) {
                 Ok(Subject::LiveRoomEvent { .. }) => live_event(&message, &self.options),
@@ -418,7 +450,70 @@ fn status_line(message: &async_nats::Message) -> Option<Line> {
         seq: None,
         latency_ms: None,
         event: serde_json::to_value(&status).ok()?,
+        note: None,
     })
+}
+
+/// Every shard's last status from the gateway pool's KV bucket, by shard, each with a note when
+/// its lease says the shard has no holder now or another one. Empty when there is no bucket (no
+/// gateway-listener has run) or it cannot be read within a few seconds.
+pub async fn shard_statuses(client: &async_nats::Client, bucket: &str) -> Vec<Line> {
+    let read = async {
+        let js = jetstream::new(client.clone());
+        let kv = js.get_key_value(bucket).await.ok()?;
+        let mut keys = kv.keys().await.ok()?;
+        let mut shards = Vec::new();
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { continue };
+            if let Some((shard, count, "status")) = pool_key::parse(&key) {
+                shards.push((shard, count, key));
+            }
+        }
+        shards.sort();
+        let mut lines = Vec::new();
+        for (shard, count, key) in shards {
+            let Ok(Some(bytes)) = kv.get(&key).await else {
+                continue;
+            };
+            let Ok(status) = GatewayStatus::decode(&bytes) else {
+                continue;
+            };
+            let lease = kv
+                .get(pool_key::lease(shard, count))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<ShardLease>(&b).ok());
+            let now = now_ms();
+            let note = match lease {
+                None => Some("no holder".to_owned()),
+                Some(l) if l.expires_at <= now => Some(format!(
+                    "no holder: lease expired {} s ago",
+                    now.saturating_sub(l.expires_at) / 1000
+                )),
+                Some(l) if l.holder != status.instance => Some(format!("held by {}", l.holder)),
+                Some(_) => None,
+            };
+            lines.push(Line {
+                time: timefmt::rfc3339_ms(status.at),
+                subject: status.subject(),
+                kind: "gateway.status".to_owned(),
+                guild: None,
+                room: None,
+                user: None,
+                seq: None,
+                latency_ms: None,
+                event: serde_json::to_value(&status).ok()?,
+                note,
+            });
+        }
+        Some(lines)
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 fn alert_line(message: &async_nats::Message) -> Option<Line> {
@@ -435,6 +530,7 @@ fn alert_line(message: &async_nats::Message) -> Option<Line> {
         seq: None,
         latency_ms: None,
         event: serde_json::to_value(&alert).ok()?,
+        note: None,
     })
 }
 

@@ -531,3 +531,71 @@ async fn the_binary_prints_json_lines_and_readable_lines() {
     let (status, _, stderr) = run(&["--help"]);
     assert!(status.success() && stderr.contains("--since-seq"));
 }
+
+/// `--ops` starts with every shard's last status from the gateway pool's bucket, noting the
+/// shards nobody holds now (issue 15, defect 6: a tail started in steady state showed nothing).
+#[tokio::test]
+async fn ops_starts_with_every_shards_last_status_and_who_holds_it() {
+    use voicerooms_contract::status::{pool_key, GatewayState, GatewayStatus, ShardLease};
+    // Arrange: shard 0 held by gw-a (connected); shard 1's holder gw-b is gone (lease expired).
+    let s = stack().await;
+    let kv = voicerooms_platform::nats::ensure_kv(&s.js, "gateway_leases", 1, 1)
+        .await
+        .unwrap();
+    let now = voicerooms_contract::now_ms();
+    for (shard, instance, expires_at) in [(0u32, "gw-a", now + 60_000), (1, "gw-b", now - 12_000)] {
+        let status = GatewayStatus {
+            v: 1,
+            shard,
+            shard_count: 2,
+            state: GatewayState::Connected,
+            attempts: 0,
+            resumable: true,
+            instance: instance.into(),
+            at: now - 20_000,
+            detail: None,
+        };
+        kv.put(pool_key::status(shard, 2), status.encode().into())
+            .await
+            .unwrap();
+        let lease = ShardLease {
+            holder: instance.into(),
+            expires_at,
+        };
+        kv.put(
+            pool_key::lease(shard, 2),
+            serde_json::to_vec(&lease).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    }
+
+    // Act
+    let mut rx = live(
+        &s.client,
+        Options {
+            ops: true,
+            ..opts(&s.server.url())
+        },
+    )
+    .await;
+    let lines = take(&mut rx, 2).await;
+
+    // Assert
+    let shards: Vec<(u64, Option<String>)> = lines
+        .iter()
+        .map(|l| (l.event["shard"].as_u64().unwrap(), l.note.clone()))
+        .collect();
+    assert_eq!(
+        shards,
+        vec![
+            (0, None),
+            (1, Some("no holder: lease expired 12 s ago".into()))
+        ]
+    );
+    assert!(
+        lines[1].text().contains("note=\"no holder"),
+        "{}",
+        lines[1].text()
+    );
+}
