@@ -148,9 +148,23 @@ async fn a_player_in_voice_is_moved_and_one_not_in_voice_is_moved_when_they_conn
         fired_in < Duration::from_secs(2),
         "pending move fired in {fired_in:?}"
     );
-    // The move fired once: a second connect elsewhere does not pull her back.
+    // The move fired once: a second connect elsewhere does not pull her back (once that join
+    // has been applied, nothing is left to fire).
+    let applied = || {
+        env.replicas
+            .iter()
+            .map(|r| {
+                r.app_core
+                    .metrics
+                    .events_applied
+                    .get_or_create(&vec![("kind".into(), "voice.joined".into())])
+                    .get()
+            })
+            .sum::<u64>()
+    };
+    let before = applied();
     env.voice_connect(&carol, seed::GAMING_CHANNEL_ID).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the second join applied", || async { applied() > before }).await;
     assert_eq!(
         env.sim.voice_channel_of(carol.id.get()).map(|(_, c)| c),
         Some(seed::GAMING_CHANNEL_ID)
@@ -195,8 +209,20 @@ async fn an_idle_room_is_warned_a_voice_join_cancels_and_a_second_idle_spell_del
     assert_eq!(rec.view.state, RoomState::Open);
     assert_eq!(rec.view.voice.len(), 1);
     assert!(rec.view.voice[0].member);
-    // Past the old deadline the room still exists.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Past the old deadline (and two more cleanup scans on each replica) the room still exists.
+    voicerooms_testkit::wait_until(
+        Duration::from_secs(10),
+        "the old deadline passed",
+        || async { voicerooms_contract::now_ms() > c.deadline + 100 },
+    )
+    .await;
+    for r in &env.replicas {
+        let scans = r.app_core.metrics.cleanup_scans.get();
+        eventually("two more cleanup scans", || async {
+            r.app_core.metrics.cleanup_scans.get() >= scans + 2
+        })
+        .await;
+    }
     assert!(
         get_channel(&env.sim, room.get()).await.is_some(),
         "cancelled: not deleted"
@@ -324,12 +350,35 @@ async fn a_replica_killed_in_the_middle_of_a_create_leaves_no_orphans_after_reco
             .any(|e| e.0 == "POST" && e.1.ends_with("/roles") && e.2 == 200)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The channel POST is on its way (hung) once the role is noted in the create's slot.
+    let state = async_nats::jetstream::new(client.clone())
+        .get_key_value(room_manager::store::STATE_BUCKET)
+        .await
+        .unwrap();
+    eventually("the role noted in the slot", || async {
+        room_manager::store::get::<OwnerIndex>(&state, &owner_key(seeded(0).id))
+            .await
+            .unwrap()
+            .is_some_and(|(i, _)| i.creating.iter().any(|s| s.role.is_some()))
+    })
+    .await;
     child.kill().expect("kill -9");
     let _ = child.wait();
     pending.abort();
-    // Let the hung POST finish on the simulator side (it may create the channel).
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    // A channel POST already sent when it died still lands (the simulator holds it 2 s from
+    // its arrival): wait for it, or for those 2 s to have passed.
+    let killed = Instant::now();
+    voicerooms_testkit::wait_until(
+        Duration::from_secs(10),
+        "the hung channel POST settled",
+        || async {
+            killed.elapsed() > Duration::from_millis(2_500)
+                || rest_calls(&sim)
+                    .iter()
+                    .any(|e| e.0 == "POST" && e.1.ends_with("/channels"))
+        },
+    )
+    .await;
 
     let seeded_channels: HashSet<u64> = [
         seed::LOBBY_CHANNEL_ID,
