@@ -45,7 +45,12 @@ fn all_settings() -> BTreeSet<String> {
 
 /// `KEY=value` and `# KEY=value` lines of .env.example.
 fn documented_vars() -> BTreeMap<String, bool> {
-    read(".env.example")
+    documented_vars_of(".env.example")
+}
+
+/// `KEY=value` (true) and `# KEY=value` (false) lines of an env file.
+fn documented_vars_of(path: &str) -> BTreeMap<String, bool> {
+    read(path)
         .lines()
         .filter_map(|line| {
             let (set, rest) = match line.strip_prefix("# ") {
@@ -75,27 +80,52 @@ fn env_example_documents_every_setting_and_only_real_ones() {
         unknown.is_empty(),
         ".env.example documents settings no code reads: {unknown:?}"
     );
-    for secret in [
-        "VOICEROOMS__DISCORD__TOKEN",
-        "VOICEROOMS__NATS__TOKEN",
-        "VOICEROOMS__SESSION__KEY",
-    ] {
+    // Real secrets are never in a committed file. .env.example carries only the simulator's
+    // fixed, published credentials (its dev wiring); the Discord variant leaves them commented.
+    for secret in ["VOICEROOMS__NATS__TOKEN", "VOICEROOMS__SESSION__KEY"] {
         assert_eq!(
             documented.get(secret),
             Some(&false),
             "{secret} must be a commented placeholder"
         );
     }
+    let sim = discord_sim::SimConfig::default();
+    let set = set_vars(".env.example");
+    assert_eq!(set["VOICEROOMS__DISCORD__TOKEN"], sim.bot_token);
+    assert_eq!(
+        set["VOICEROOMS__OAUTH__CLIENT_SECRET"],
+        sim.oauth.client_secret
+    );
+    let variant = documented_vars_of(".env.discord.example");
+    for secret in [
+        "VOICEROOMS__DISCORD__TOKEN",
+        "VOICEROOMS__OAUTH__CLIENT_SECRET",
+    ] {
+        assert_eq!(
+            variant.get(secret),
+            Some(&false),
+            "{secret} must be a commented placeholder in .env.discord.example"
+        );
+    }
 }
 
 #[test]
 fn env_example_values_load_in_every_service() {
-    let vars: std::collections::HashMap<String, String> = read(".env.example")
+    load_in_every_service(set_vars(".env.example"));
+}
+
+/// The `KEY=value` lines (not comments) of an env file.
+fn set_vars(path: &str) -> BTreeMap<String, String> {
+    read(path)
         .lines()
         .filter(|l| l.starts_with("VOICEROOMS"))
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+        .collect()
+}
+
+fn load_in_every_service(vars: BTreeMap<String, String>) {
+    let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
     use voicerooms_platform::settings::{load_from, CommonSettings};
     load_from::<gateway_listener::GatewaySettings>(
         CommonSettings::default(),
@@ -115,8 +145,7 @@ fn env_example_values_load_in_every_service() {
 
 #[test]
 fn compose_services_are_our_binaries_and_set_only_settings_they_read() {
-    let compose: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&read("docker-compose.yml")).unwrap();
+    let compose = compose();
     let services = compose["services"].as_mapping().expect("services");
     let by_service = settings_by_service();
     let binaries = ["gateway-listener", "room-manager", "edge", "discord-sim"];
@@ -151,12 +180,21 @@ fn compose_services_are_our_binaries_and_set_only_settings_they_read() {
             continue;
         }
         if name == "nats" {
-            let image = service["image"].as_str().unwrap();
-            assert!(
-                image.starts_with("nats:2."),
-                "pinned official NATS image: {image}"
+            // The official image (a build argument's default), run as the non-root user.
+            assert_eq!(service["build"]["target"].as_str(), Some("nats"));
+            assert_eq!(
+                service["build"]["dockerfile"].as_str(),
+                Some("deploy/Dockerfile")
             );
             assert!(service["healthcheck"].is_mapping(), "nats healthcheck");
+            // The host often runs its own NATS on 4222.
+            for port in service["ports"].as_sequence().unwrap() {
+                let port = port.as_str().unwrap();
+                assert!(
+                    !port.contains(":4222:") && !port.starts_with("4222:"),
+                    "NATS published on the host's 4222: {port}"
+                );
+            }
             continue;
         }
         let built = service["build"]["args"]["SERVICE"]
@@ -180,15 +218,28 @@ fn compose_services_are_our_binaries_and_set_only_settings_they_read() {
             );
             discord_sim::SimConfig::from_vars(environment.clone())
                 .unwrap_or_else(|e| panic!("discord-sim rejects its compose environment: {e}"));
+            assert!(
+                service["healthcheck"].is_mapping(),
+                "discord-sim healthcheck"
+            );
             continue;
         }
         let reads = &by_service[name];
         for key in environment.keys() {
             assert!(reads.contains(key), "{name} does not read {key}");
         }
+        // The probe asks /readyz (voicerooms_platform::ops::probe; shared/platform/tests/probe.rs).
+        assert_eq!(
+            service["healthcheck"]["test"],
+            serde_yaml_ng::from_str::<serde_yaml_ng::Value>(
+                r#"["CMD", "/usr/local/bin/service", "healthcheck"]"#
+            )
+            .unwrap(),
+            "{name} has a readiness healthcheck"
+        );
         assert!(
-            service["healthcheck"].is_mapping(),
-            "{name} has a healthcheck"
+            service["stop_grace_period"].as_str().is_some(),
+            "{name}: stop_grace_period"
         );
     }
     assert_eq!(
@@ -199,6 +250,164 @@ fn compose_services_are_our_binaries_and_set_only_settings_they_read() {
     assert!(
         compose["volumes"]["nats-data"].is_null() || compose["volumes"]["nats-data"].is_mapping()
     );
+}
+
+/// docker-compose.yml with its `<<` merge keys applied.
+fn compose() -> serde_yaml_ng::Value {
+    let mut compose: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read("docker-compose.yml")).unwrap();
+    compose.apply_merge().unwrap();
+    compose
+}
+
+/// A compose `environment:` mapping as strings.
+fn compose_env(service: &serde_yaml_ng::Value) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        serde_yaml_ng::Value::String(s) => s.clone(),
+                        other => serde_yaml_ng::to_string(other).unwrap().trim().to_owned(),
+                    };
+                    (k.as_str().unwrap().to_owned(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The host port a service publishes for `container_port` ("127.0.0.1:8080:8080" → 8080).
+fn published(service: &serde_yaml_ng::Value, container_port: u16) -> u16 {
+    service["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| {
+            let parts: Vec<&str> = p.as_str().unwrap().split(':').collect();
+            let (host, container) = (parts[parts.len() - 2], parts[parts.len() - 1]);
+            (container.parse::<u16>().ok()? == container_port).then(|| host.parse().unwrap())
+        })
+        .next()
+        .unwrap_or_else(|| panic!("port {container_port} is not published"))
+}
+
+/// `cp .env.example .env && docker-compose --profile dev up` needs no edits: the services are
+/// wired to the simulator — server-side on the compose network, the browser on the published
+/// port — and the simulator hands out URLs that resolve on the network.
+#[test]
+fn env_example_wires_the_dev_profile_to_the_simulator() {
+    let compose = compose();
+    let services = &compose["services"];
+    let sim_service = &services["discord-sim"];
+    let sim_env = compose_env(sim_service);
+    let sim = discord_sim::SimConfig::from_vars(sim_env.clone()).unwrap();
+    // The simulator appends the port itself: a host with a port gives ws://discord-sim:8790:8790.
+    let public_host = sim.public_host.clone().expect("DISCORD_SIM__PUBLIC_HOST");
+    assert_eq!(
+        public_host, "discord-sim",
+        "the compose service name, no port"
+    );
+    let sim_port = sim.bind.port();
+    let on_network = format!("http://discord-sim:{sim_port}");
+    let for_browser = format!("http://localhost:{}", published(sim_service, sim_port));
+    let edge = &services["edge"];
+    let edge_port: u16 = compose_env(edge)["VOICEROOMS__HTTP__PORT"].parse().unwrap();
+    let page = format!("http://localhost:{}", published(edge, edge_port));
+
+    let env = set_vars(".env.example");
+    let expect = [
+        (
+            "VOICEROOMS__DISCORD__API_BASE",
+            format!("{on_network}/api/v10"),
+        ),
+        ("VOICEROOMS__DISCORD__TOKEN", sim.bot_token.clone()),
+        ("VOICEROOMS__OAUTH__CLIENT_ID", sim.oauth.client_id.clone()),
+        (
+            "VOICEROOMS__OAUTH__CLIENT_SECRET",
+            sim.oauth.client_secret.clone(),
+        ),
+        (
+            "VOICEROOMS__OAUTH__AUTHORIZE_URL",
+            format!("{for_browser}/oauth2/authorize"),
+        ),
+        (
+            "VOICEROOMS__OAUTH__TOKEN_URL",
+            format!("{on_network}/api/oauth2/token"),
+        ),
+        (
+            "VOICEROOMS__OAUTH__REVOKE_URL",
+            format!("{on_network}/api/oauth2/token/revoke"),
+        ),
+        (
+            "VOICEROOMS__OAUTH__API_BASE",
+            format!("{on_network}/api/v10"),
+        ),
+        (
+            "VOICEROOMS__OAUTH__REDIRECT_URL",
+            format!("{page}/auth/callback"),
+        ),
+        (
+            "VOICEROOMS__EDGE__DEFAULT_GUILD",
+            discord_sim::seed::GUILD_ID.to_string(),
+        ),
+    ];
+    for (key, want) in expect {
+        assert_eq!(env.get(key), Some(&want), "{key} in .env.example");
+    }
+}
+
+/// Against Discord: .env.example with its Discord connection block replaced by
+/// .env.discord.example (secrets filled in) loads in every service and names no simulator.
+#[test]
+fn the_discord_variant_replaces_the_whole_simulator_block() {
+    let example = read(".env.example");
+    let start = example
+        .find("# === Discord connection")
+        .expect("block start");
+    let end = example
+        .find("# === end of the Discord connection block")
+        .expect("block end");
+    let block: BTreeSet<String> = example[start..end]
+        .lines()
+        .filter(|l| l.starts_with("VOICEROOMS"))
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+        .collect();
+    let variant = documented_vars_of(".env.discord.example");
+    let missing: Vec<_> = block.iter().filter(|k| !variant.contains_key(*k)).collect();
+    assert!(missing.is_empty(), ".env.discord.example lacks {missing:?}");
+    let known = all_settings();
+    let unknown: Vec<_> = variant.keys().filter(|k| !known.contains(*k)).collect();
+    assert!(unknown.is_empty(), "not settings: {unknown:?}");
+
+    let mut merged: BTreeMap<String, String> = example[..start]
+        .lines()
+        .chain(example[end..].lines())
+        .filter(|l| l.starts_with("VOICEROOMS"))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    merged.extend(set_vars(".env.discord.example"));
+    // What the operator fills in.
+    for (key, value) in [
+        ("VOICEROOMS__DISCORD__TOKEN", "a-bot-token"),
+        ("VOICEROOMS__OAUTH__CLIENT_ID", "123456789012345678"),
+        ("VOICEROOMS__OAUTH__CLIENT_SECRET", "a-client-secret"),
+        ("VOICEROOMS__EDGE__DEFAULT_GUILD", "223456789012345678"),
+        ("VOICEROOMS__ROOMS__GUILDS", "223456789012345678"),
+    ] {
+        assert!(variant.contains_key(key), "{key} in .env.discord.example");
+        merged.insert(key.to_owned(), value.to_owned());
+    }
+    for (key, value) in &merged {
+        assert!(
+            !value.contains("discord-sim") && !value.contains(":8790"),
+            "{key}={value} still names the simulator"
+        );
+    }
+    assert!(merged["VOICEROOMS__DISCORD__API_BASE"].starts_with("https://discord.com/"));
+    load_in_every_service(merged);
 }
 
 #[test]
@@ -213,6 +422,12 @@ fn docker_compose_accepts_the_file() {
     )
     .unwrap();
     std::fs::copy(repo().join(".env.example"), dir.path().join(".env")).unwrap();
+    std::fs::create_dir_all(dir.path().join("deploy")).unwrap();
+    std::fs::copy(
+        repo().join("deploy/Dockerfile"),
+        dir.path().join("deploy/Dockerfile"),
+    )
+    .unwrap();
     std::fs::create_dir_all(dir.path().join("deploy/otel")).unwrap();
     std::fs::copy(
         repo().join("deploy/otel/collector.yaml"),
@@ -238,14 +453,33 @@ fn docker_compose_accepts_the_file() {
 fn the_dockerfile_builds_any_service_into_a_small_non_root_image() {
     let dockerfile = read("deploy/Dockerfile");
     assert!(dockerfile.contains("ARG SERVICE"));
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .filter_map(|l| l.rsplit_once(" AS ").map(|(_, s)| s.trim()))
+        .collect();
+    // The last stage is the default target: the full in-container build.
     assert_eq!(
-        dockerfile.matches("\nFROM ").count() + usize::from(dockerfile.starts_with("FROM ")),
-        2,
-        "two stages"
+        stages,
+        ["nats", "compile", "runtime-base", "prebuilt", "runtime"]
     );
-    assert!(dockerfile.contains("distroless/cc-debian12:nonroot"));
-    assert!(dockerfile.contains("USER nonroot"));
+    // The official images are the defaults of the base-image build arguments.
+    for default in [
+        "${RUST_IMAGE:-rust:",
+        "${RUNTIME_IMAGE:-gcr.io/distroless/cc-debian12:nonroot}",
+        "${NATS_IMAGE:-nats:2.10.",
+    ] {
+        assert!(dockerfile.contains(default), "{default}");
+    }
+    // Non-root (distroless `nonroot` is 65532) in every image compose runs, NATS included.
+    assert_eq!(dockerfile.matches("USER 65532:65532").count(), 3);
+    assert!(
+        dockerfile.contains("STOPSIGNAL SIGINT"),
+        "nats-server stops cleanly on SIGINT"
+    );
     assert!(dockerfile.contains("--locked"));
+    // No debug info in production binaries (docs/OPERATIONS.md, "Images").
+    assert!(dockerfile.contains("CARGO_PROFILE_RELEASE_STRIP=debuginfo"));
 }
 
 fn which(program: &str) -> Option<PathBuf> {

@@ -1,5 +1,6 @@
 //! `discord-sim`: the simulator for the dev stack. Configuration: `DISCORD_SIM__*` env vars
-//! (docs/SIMULATOR.md). Stops cleanly on SIGINT / SIGTERM.
+//! (docs/SIMULATOR.md). Stops cleanly on SIGINT / SIGTERM. `discord-sim healthcheck` is the
+//! container health probe: `GET /_sim` on the bound port answers 200.
 
 use anyhow::Context;
 use discord_sim::{seed, SimConfig, Simulator};
@@ -15,6 +16,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config = SimConfig::from_env().context("reading DISCORD_SIM__* settings")?;
     if std::env::var_os("DISCORD_SIM__BIND").is_none() {
         config.bind = ([127, 0, 0, 1], 8790).into();
+    }
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return probe(config.bind.port());
     }
     let sim = Simulator::start(config)
         .await
@@ -52,5 +56,25 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// `GET /_sim` on 127.0.0.1:`port` with a 2 s timeout, using only std (the runtime image has no
+/// curl): Ok when it answers 200.
+fn probe(port: u16) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(b"GET /_sim HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut head = [0u8; 32];
+    let n = stream.read(&mut head)?;
+    let line = String::from_utf8_lossy(head.get(..n).unwrap_or_default());
+    if line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200") {
+        Ok(())
+    } else {
+        anyhow::bail!("/_sim answered {:?}", line.lines().next().unwrap_or(""))
     }
 }

@@ -140,8 +140,10 @@ async fn metrics(ops: web::Data<Ops>) -> HttpResponse {
 /// Shared handle, as services keep it.
 pub type SharedOps = Arc<Ops>;
 
-/// Container health probe: `GET /healthz` on 127.0.0.1:`port` with a 2 s timeout, using only std
-/// (the runtime image has no curl). Ok when it answers 200.
+/// Container health probe (`<service> healthcheck`): `GET /readyz` on 127.0.0.1:`port` with a
+/// 2 s timeout, using only std (the runtime image has no curl). Ok only when it answers 200: a
+/// service that is alive but not ready (NATS down, gateway off, draining) is unhealthy, so
+/// docker-compose's `service_healthy` and `ps` tell the truth.
 pub fn probe(port: u16) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -149,7 +151,7 @@ pub fn probe(port: u16) -> anyhow::Result<()> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut head = [0u8; 32];
     let n = stream.read(&mut head)?;
     let line = String::from_utf8_lossy(head.get(..n).unwrap_or_default());
@@ -157,7 +159,7 @@ pub fn probe(port: u16) -> anyhow::Result<()> {
         Ok(())
     } else {
         Err(anyhow::anyhow!(
-            "healthz answered {:?}",
+            "readyz answered {:?}",
             line.lines().next().unwrap_or("")
         ))
     }
