@@ -46,6 +46,7 @@ use voicerooms_contract::event::Event;
 use voicerooms_contract::subject::{self, ROOMS_STREAM};
 use voicerooms_contract::{ApiError, ErrorCode, GuildId, Millis, RoomEvent, RoomId, UserId};
 use voicerooms_platform::nats::{ConnectionEvent, LazyBucket};
+use voicerooms_platform::retry::{Backoff, Jitter};
 
 use crate::metrics::EdgeMetrics;
 use crate::outbox::Outbox;
@@ -287,12 +288,9 @@ fn later(delay: Duration) -> Instant {
     now.checked_add(delay).unwrap_or(now)
 }
 
+/// Uniform in `[0, max]`: spreads the repairs of many pumps woken by one reconnect.
 fn jitter(max: Duration) -> Duration {
-    let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
-    if max_ms == 0 {
-        return Duration::ZERO;
-    }
-    Duration::from_millis(rand::random_range(0..=max_ms))
+    Backoff::new(max, max).with_jitter(Jitter::Full).delay(1)
 }
 
 /// The subscription id async-nats gave `subscriber` (it has no accessor; its `Debug` shows it),
@@ -953,9 +951,15 @@ struct Pump {
     clean_exit: bool,
 }
 
-/// Repair retry backoff while the stream cannot be read (e.g. leader election).
-const REPAIR_RETRY_MIN: Duration = Duration::from_millis(50);
-const REPAIR_RETRY_MAX: Duration = Duration::from_millis(500);
+/// Repair retry backoff while the stream cannot be read (e.g. leader election): 50-100 ms,
+/// doubling to 0.5-1 s.
+const REPAIR_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).with_jitter(Jitter::Equal);
+/// The wait for a repair after a disconnect, should the reconnect not call for one sooner.
+const REPAIR_AFTER_DISCONNECT: Duration = Duration::from_millis(500);
+/// Before subscribing again after a failed resubscribe: 100-200 ms, doubling to 1-2 s.
+const RESUBSCRIBE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(2)).with_jitter(Jitter::Equal);
 
 impl Pump {
     async fn run(
@@ -970,7 +974,8 @@ impl Pump {
         // While the live feed may have lost messages (NATS connection lost, slow consumer,
         // resubscribe), live messages are left waiting in the subscription and not delivered:
         // a later event must never reach a client before a missed earlier one.
-        let mut retry = REPAIR_RETRY_MIN;
+        let mut retry = REPAIR_BACKOFF.schedule();
+        let mut resubscribe = RESUBSCRIBE_BACKOFF.schedule();
         let mut next_repair = Instant::now();
         let mut epochs_open = true;
         // Until its first subscriber arrives a new pump does not retire (it was created for one).
@@ -988,7 +993,7 @@ impl Pump {
                     let stale = match event {
                         // The stream cannot be read until the client reconnects (then
                         // `Connected` repairs); the retry timer is the fallback.
-                        Ok(ConnectionEvent::Disconnected) => Some(("nats disconnected", REPAIR_RETRY_MAX)),
+                        Ok(ConnectionEvent::Disconnected) => Some(("nats disconnected", REPAIR_AFTER_DISCONNECT)),
                         Ok(ConnectionEvent::Connected) => Some(("nats reconnected", jitter(self.inner.config.repair_jitter))),
                         Ok(ConnectionEvent::SlowConsumer(sid)) if self.sid.is_none_or(|own| own == sid) => {
                             Some(("slow consumer", Duration::ZERO))
@@ -999,7 +1004,7 @@ impl Pump {
                     };
                     if let Some((why, wait)) = stale {
                         self.mark_stale(why);
-                        retry = REPAIR_RETRY_MIN;
+                        retry.reset();
                         next_repair = later(wait);
                     }
                 }
@@ -1031,10 +1036,9 @@ impl Pump {
                     Some(Command::RepairDone { generation, result }) => {
                         self.repairing = false;
                         if self.repaired(generation, result) {
-                            retry = REPAIR_RETRY_MIN;
+                            retry.reset();
                         } else {
-                            next_repair = later(retry.saturating_add(jitter(retry)));
-                            retry = retry.saturating_mul(2).min(REPAIR_RETRY_MAX);
+                            next_repair = later(retry.next_delay().unwrap_or(REPAIR_BACKOFF.max()));
                         }
                     }
                     None => break,
@@ -1048,6 +1052,7 @@ impl Pump {
                         tracing::warn!(room = %self.room, "live subscription ended; resubscribing");
                         match self.inner.nats.subscribe(subject::filter::live_room(self.guild, self.room)).await {
                             Ok(s) => {
+                                resubscribe.reset();
                                 self.sid = sid_of(&s);
                                 live = s;
                                 self.mark_stale("resubscribed");
@@ -1055,7 +1060,8 @@ impl Pump {
                             }
                             Err(e) => {
                                 tracing::error!(room = %self.room, error = %e, "resubscribe failed");
-                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                let wait = resubscribe.next_delay().unwrap_or(RESUBSCRIBE_BACKOFF.max());
+                                tokio::time::sleep(wait).await;
                             }
                         }
                     }

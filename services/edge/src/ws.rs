@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use voicerooms_contract::{ErrorCode, Millis, RoomId, UserId, UserRef};
 use voicerooms_platform::nats::LazyBucket;
+use voicerooms_platform::retry::{Backoff, Jitter};
 
 use crate::hub::{Attached, ConnId, Hub, Since, Subscription};
 use crate::metrics::EdgeMetrics;
@@ -137,7 +138,10 @@ impl WsState {
     /// connection stays the fallback while the watch is down.
     pub async fn watch_sessions(self: Arc<Self>, bucket: Arc<LazyBucket>) {
         use async_nats::jetstream::kv::Operation;
-        let mut delay = Duration::from_millis(100);
+        // 50-100 ms after a failure, doubling to 2.5-5 s; back to the start once watching.
+        let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+            .with_jitter(Jitter::Equal)
+            .schedule();
         loop {
             let watch = match bucket.get().await {
                 Ok(store) => store.watch_all().await.map_err(|e| e.to_string()),
@@ -145,7 +149,7 @@ impl WsState {
             };
             match watch {
                 Ok(mut entries) => {
-                    delay = Duration::from_millis(100);
+                    retry.reset();
                     loop {
                         let entry = tokio::select! {
                             _ = self.shutdown.cancelled() => return,
@@ -169,9 +173,8 @@ impl WsState {
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(retry.next_delay().unwrap_or(Duration::from_secs(5))) => {}
             }
-            delay = delay.saturating_mul(2).min(Duration::from_secs(5));
         }
     }
 }

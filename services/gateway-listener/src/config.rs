@@ -148,15 +148,8 @@ impl GatewayConfig {
     /// The delay before attempt number `failures + 1`: 0 after a success, then base × 2^(n-1)
     /// capped at the maximum (1, 2, 4, 8, 16 s by default).
     pub fn backoff(&self, failures: u32) -> Duration {
-        if failures == 0 {
-            return Duration::ZERO;
-        }
-        let factor = 1u64 << (failures - 1).min(20);
-        Duration::from_millis(
-            self.backoff_base_ms
-                .saturating_mul(factor)
-                .min(self.backoff_max_ms),
-        )
+        voicerooms_platform::retry::Backoff::from_millis(self.backoff_base_ms, self.backoff_max_ms)
+            .nominal_delay(failures)
     }
 }
 

@@ -30,6 +30,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use voicerooms_contract::now_ms;
+use voicerooms_platform::retry::{Backoff, Jitter};
 use voicerooms_platform::settings::Secret;
 
 use crate::config::GatewayConfig;
@@ -39,6 +40,10 @@ use crate::protocol::GatewayBot;
 pub const IDENTIFY_WINDOW: Duration = Duration::from_secs(5);
 /// Added to the window: replicas' clocks and their paths to Discord differ by a little.
 pub const IDENTIFY_MARGIN: Duration = Duration::from_millis(250);
+/// Between attempts while NATS or Discord's REST API do not answer: 125-250 ms, doubling to
+/// 2.5-5 s.
+const UNAVAILABLE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(250), Duration::from_secs(5)).with_jitter(Jitter::Equal);
 /// KV key of the queue in the lease bucket.
 pub const QUEUE_KEY: &str = "identify";
 
@@ -212,6 +217,7 @@ impl IdentifyQueue {
     /// not answer (the caller's connection heartbeats meanwhile; cancel by dropping the future).
     pub async fn acquire(&self, shard: u32) -> Result<Turn, IdentifyError> {
         let started = Instant::now();
+        let mut unavailable = UNAVAILABLE_BACKOFF.schedule();
         loop {
             match self.try_take(shard).await {
                 Ok(Ok(turn)) => {
@@ -236,8 +242,11 @@ impl IdentifyQueue {
                     return Err(IdentifyError::Unauthorized)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, shard, "identify queue unavailable; retrying");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let wait = unavailable
+                        .next_delay()
+                        .unwrap_or(UNAVAILABLE_BACKOFF.max());
+                    tracing::warn!(error = %e, shard, retry_ms = wait.as_millis() as u64, "identify queue unavailable; retrying");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use voicerooms_contract::{now_ms, RoomEvent};
+use voicerooms_platform::retry::{Backoff, Jitter};
 
 use crate::cache::{GuildSnapshot, VoiceCache};
 use crate::metrics::ShardMetrics as Metrics;
@@ -158,8 +159,7 @@ async fn publish(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> u64 {
-    let mut delay = RETRY_MIN;
-    let mut attempt = 0u32;
+    let mut retry = RETRY.schedule();
     loop {
         event.published_at = now_ms();
         let sent = Instant::now();
@@ -186,13 +186,17 @@ async fn publish(
                     duplicate = ack.duplicate,
                     "published"
                 );
-                if attempt > 0 {
-                    tracing::info!(attempts = attempt + 1, "publishing to JetStream recovered");
+                if retry.failures() > 0 {
+                    tracing::info!(
+                        attempts = retry.failures().saturating_add(1),
+                        "publishing to JetStream recovered"
+                    );
                 }
                 return ack.sequence;
             }
             Err(error) => {
-                attempt = attempt.saturating_add(1);
+                let delay = retry.next_delay().unwrap_or(RETRY.max());
+                let attempt = retry.failures();
                 metrics.publish_retries.inc();
                 tracing::warn!(
                     error = %error,
@@ -204,16 +208,16 @@ async fn publish(
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     // During shutdown keep retrying (the grace period bounds us), briefly.
-                    _ = shutdown.cancelled() => tokio::time::sleep(RETRY_MIN).await,
+                    _ = shutdown.cancelled() => tokio::time::sleep(RETRY.base()).await,
                 }
-                delay = (delay * 2).min(RETRY_MAX);
             }
         }
     }
 }
 
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Between publish attempts: 50 ms doubling to 2 s (25-50 ms ... 1-2 s with the jitter).
+const RETRY: Backoff =
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).with_jitter(Jitter::Equal);
 
 async fn send(js: &jetstream::Context, event: &RoomEvent) -> Result<PublishAckFuture, String> {
     let id = event.id.clone().unwrap_or_default();
