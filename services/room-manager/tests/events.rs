@@ -171,12 +171,21 @@ async fn a_killed_consumer_is_restarted_and_readyz_answers_503_while_it_is_down(
     let replica = &env.replicas[0];
     let port = replica.port;
     eventually("ready", || async { readyz(port).await.0 == 200 }).await;
-    // Ready means the room API answers now (no retry on "no responders").
+    // Ready means the room API answers now: one request, no retry on "no responders".
     let alice = seeded(0);
-    let created = env
-        .create(&alice, "alive")
-        .await
-        .expect("create once ready");
+    let created: voicerooms_contract::command::Created = request_within(
+        &env.client,
+        voicerooms_contract::subject::CommandKind::Create,
+        &voicerooms_contract::command::CreateRoom {
+            requester: alice.clone(),
+            guild: voicerooms_contract::GuildId::new(GUILD).unwrap(),
+            name: "alive".into(),
+            idempotency_key: None,
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("create once ready");
 
     assert!(replica.health.abort("events"), "the consumer was running");
 
@@ -197,9 +206,26 @@ async fn a_killed_consumer_is_restarted_and_readyz_answers_503_while_it_is_down(
     env.shutdown().await;
 }
 
+/// The `stream_epoch` of the room's record in the `rooms` bucket, read the way the edge reads
+/// it (services/edge/src/hub.rs `StoredRoom`: a top-level string field beside the view, parsed
+/// with `StreamEpoch::parse`), from the raw JSON rather than room-manager's own type.
+async fn stored_epoch(
+    js: &jetstream::Context,
+    room: RoomId,
+) -> Option<voicerooms_contract::StreamEpoch> {
+    let kv = js.get_key_value("rooms").await.unwrap();
+    let bytes = kv.get(subject::room_key(room)).await.unwrap()?;
+    let raw: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let field = raw.get("stream_epoch")?;
+    let text = field
+        .as_str()
+        .unwrap_or_else(|| panic!("stream_epoch is not a string: {field}"));
+    Some(voicerooms_contract::StreamEpoch::parse(text).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_rooms_stream_is_deleted_and_recreated_voice_events_are_applied_again() {
-    let env = Env::start(1, quiet_rooms(), false).await;
+    let env = Env::start_strict(1, quiet_rooms(), false).await;
     let (alice, bob, carol) = (seeded(0), seeded(1), seeded(2));
     let created = env.create(&alice, "epochs").await.unwrap();
     let room = created.room.id;
@@ -254,6 +280,14 @@ async fn after_the_rooms_stream_is_deleted_and_recreated_voice_events_are_applie
         .0
         .view
         .seq;
+    let old_epoch = voicerooms_platform::nats::rooms_stream_epoch(&js)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored_epoch(&js, room).await,
+        Some(old_epoch),
+        "the record names the stream its seq counts in, as the edge reads it"
+    );
 
     // An operator deletes ROOMS; a service recreates it: sequences restart at 1.
     js.delete_stream(subject::ROOMS_STREAM)
@@ -289,12 +323,21 @@ async fn after_the_rooms_stream_is_deleted_and_recreated_voice_events_are_applie
         "the snapshot's sequence belongs to the new stream: {} (was {old_seq})",
         rec.view.seq
     );
+    let new_epoch = voicerooms_platform::nats::rooms_stream_epoch(&js)
+        .await
+        .unwrap();
+    assert_ne!(new_epoch, old_epoch);
+    assert_eq!(
+        stored_epoch(&js, room).await,
+        Some(new_epoch),
+        "the record's stream_epoch moved to the new stream with its seq"
+    );
     env.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_publish_failed_is_stored_once_in_order_and_reaches_live_clients() {
-    let env = Env::start(2, quiet_rooms(), false).await;
+    let env = Env::start_strict(2, quiet_rooms(), false).await;
     let (alice, bob, carol) = (seeded(0), seeded(1), seeded(2));
     let created = env.create(&alice, "outbox").await.unwrap();
     let room = created.room.id;

@@ -76,7 +76,7 @@ async fn creates_in_foreign_and_unknown_guilds_are_refused_before_any_discord_ca
 }
 
 /// Runs `n` creates at once; checks each room has exactly one role and one channel.
-async fn creates_with_a_slow_answer(env: &Env, owners: &[UserRef], what: &str) {
+async fn creates_with_a_slow_answer(env: &Env, owners: &[UserRef], what: &str) -> Vec<Created> {
     let mut tasks = Vec::new();
     for (i, owner) in owners.iter().enumerate() {
         let client = env.client.clone();
@@ -100,7 +100,14 @@ async fn creates_with_a_slow_answer(env: &Env, owners: &[UserRef], what: &str) {
     for t in tasks {
         created.push(t.await.unwrap().expect("create despite the slow answer"));
     }
-    for c in &created {
+    assert_one_each(env, &created, what);
+    created
+}
+
+/// Exactly one role (by the room's tagged name) and one channel (granting the room's role) for
+/// each room.
+fn assert_one_each(env: &Env, created: &[Created], what: &str) {
+    for c in created {
         let role = c.room.role.get();
         let nonce_roles = tagged_roles(&env.sim)
             .iter()
@@ -135,6 +142,7 @@ async fn a_create_whose_answer_times_out_is_looked_up_not_sent_again_so_nothing_
     let owners = members(&env, "slow", 6);
     env.wait_startup_reconcile().await;
 
+    let mut all = Vec::new();
     for (path, what) in [
         (format!("/guilds/{GUILD}/channels"), "channel"),
         (format!("/guilds/{GUILD}/roles"), "role"),
@@ -146,34 +154,71 @@ async fn a_create_whose_answer_times_out_is_looked_up_not_sent_again_so_nothing_
                 path_contains: Some(path),
             })
             .unwrap();
-        creates_with_a_slow_answer(&env, &owners, what).await;
+        all.extend(creates_with_a_slow_answer(&env, &owners, what).await);
         let posts = rest_calls(&env.sim)
             .iter()
             .filter(|c| c.0 == "POST" && c.1.ends_with(&format!("/guilds/{GUILD}/{what}s")))
             .count();
         assert!(posts >= 6, "{what}: the slow POSTs were answered: {posts}");
-        // Close them: each owner may hold 3 rooms, and this keeps the guild tidy.
-        for owner in &owners {
-            let mine: voicerooms_contract::command::RoomList = env
-                .request(
-                    CommandKind::ListMine,
-                    &voicerooms_contract::command::ListMine {
-                        requester: owner.clone(),
-                    },
-                )
-                .await
-                .unwrap();
-            for r in mine.rooms {
-                env.close(owner, r.id).await.expect("close");
-            }
-        }
     }
-    // The reconciler, given time past its grace period, finds nothing to delete: there was
-    // never a duplicate.
+    // The slow answers have all arrived (a duplicate would exist in Discord by now).
+    env.sim.clear_faults();
+    assert_eq!(all.len(), 12);
+    assert_eq!(
+        room_channels(&env.sim).len(),
+        12,
+        "{:?}",
+        room_channels(&env.sim)
+    );
+    assert_eq!(
+        tagged_roles(&env.sim).len(),
+        12,
+        "{:?}",
+        tagged_roles(&env.sim)
+    );
+
+    // The reconciler, with every room open, finds nothing unaccounted for — not now, and not
+    // past its grace period (when it would delete what it found): there was never a duplicate.
     let core = env.replicas[0].app_core.clone();
     let reconciler = room_manager::reconcile::Reconciler::default();
     let first = reconciler.pass(&core).await.expect("reconcile");
     assert_eq!(first.suspects, 0, "{first:?}");
+    let passed = std::time::Instant::now();
+    voicerooms_testkit::wait_until(Duration::from_secs(5), "the grace period over", || async {
+        passed.elapsed() > Duration::from_millis(400)
+    })
+    .await;
+    let second = reconciler.pass(&core).await.expect("reconcile");
+    assert_eq!(
+        second,
+        room_manager::reconcile::Report::default(),
+        "{second:?}"
+    );
+    assert_one_each(&env, &all, "after reconcile");
+    for c in &all {
+        assert!(
+            core.record(c.room.id).await.unwrap().is_some(),
+            "room {} kept",
+            c.room.id
+        );
+    }
+
+    // Closing them leaves nothing behind.
+    for owner in &owners {
+        let mine: voicerooms_contract::command::RoomList = env
+            .request(
+                CommandKind::ListMine,
+                &voicerooms_contract::command::ListMine {
+                    requester: owner.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(mine.rooms.len(), 2, "two rooms each");
+        for r in mine.rooms {
+            env.close(owner, r.id).await.expect("close");
+        }
+    }
     assert!(
         tagged_roles(&env.sim).is_empty(),
         "{:?}",

@@ -496,7 +496,7 @@ async fn a_join_during_the_closing_warning_cancels_the_closing_and_the_room_stay
         closing_warning_ms: 1_000,
         ..quiet_rooms()
     };
-    let env = Env::start(2, rooms, false).await;
+    let env = Env::start_strict(2, rooms, false).await;
     let (alice, bob) = (seeded(0), seeded(1));
     let created = env.create(&alice, "warned").await.unwrap();
     let room = created.room.id;

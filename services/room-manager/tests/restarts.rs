@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use discord_sim::{RestFault, RestFaultKind, SimHandle};
+use futures::StreamExt;
 use room_manager::store::{CleanupEntry, OwnerIndex, RoomRecord};
 use support::*;
 use voicerooms_contract::command::{decode_reply, CreateRoom, Created, RoomState};
@@ -541,5 +542,127 @@ async fn sigterm_in_the_middle_of_a_create_answers_it_frees_the_slot_and_exits_w
     )
     .await;
     drop(q);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_left_in_the_outbox_by_killed_replicas_are_published_by_another_once_in_order() {
+    let nats = NatsServer::start().await;
+    let sim = discord_sim::Simulator::start(strict_sim()).await.unwrap();
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let tuning: &[(&str, &str)] = &[
+        ("VOICEROOMS__ROOM_MANAGER__RETRY_INTERVAL_MS", "300"),
+        ("VOICEROOMS__ROOM_MANAGER__OUTBOX_SWEEP_INTERVAL_MS", "300"),
+        ("VOICEROOMS__ROOMS__RECONCILE_INTERVAL_MS", "3600000"),
+    ];
+    let mut a = spawn(&nats, &sim, "rm-outbox-a", tuning);
+    let mut b = spawn(&nats, &sim, "rm-outbox-b", tuning);
+    wait_ready(&mut a).await;
+    wait_ready(&mut b).await;
+    let (alice, bob, carol) = (seeded(0), seeded(1), seeded(2));
+    let created: Created = request_within(
+        &client,
+        CommandKind::Create,
+        &CreateRoom {
+            requester: alice.clone(),
+            guild: GuildId::new(GUILD).unwrap(),
+            name: "crash".into(),
+            idempotency_key: None,
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("create");
+    let room = created.room.id;
+    let rooms = js.get_key_value("rooms").await.unwrap();
+    let record = || async {
+        let bytes = rooms
+            .get(voicerooms_contract::subject::room_key(room))
+            .await
+            .unwrap()
+            .expect("the room's record");
+        serde_json::from_slice::<RoomRecord>(&bytes).unwrap()
+    };
+    voicerooms_testkit::wait_until(Duration::from_secs(10), "room.created stored", || async {
+        record().await.outbox.is_empty()
+    })
+    .await;
+    // A live client of the room (the edge's feed: the stream's republish).
+    let mut live = client
+        .subscribe(format!("live.rooms.{GUILD}.{room}.>"))
+        .await
+        .unwrap();
+
+    // The stream stops taking room events (full, discarding new ones); KV keeps working.
+    let settings = voicerooms_platform::settings::NatsSettings::default();
+    let held = js
+        .get_stream(voicerooms_contract::subject::ROOMS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    let mut paused = voicerooms_platform::nats::rooms_stream_config(&settings);
+    paused.max_messages = i64::try_from(held).unwrap();
+    paused.discard = jetstream::stream::DiscardPolicy::New;
+    js.update_stream(paused).await.expect("pause ROOMS");
+    for joiner in [&bob, &carol] {
+        request_within::<_, voicerooms_contract::command::Joined>(
+            &client,
+            CommandKind::Join,
+            &voicerooms_contract::command::JoinRoom {
+                requester: joiner.clone(),
+                invite: created.invite.token.clone(),
+                room: None,
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("join while the stream is paused");
+    }
+    let rec = record().await;
+    assert_eq!(rec.view.members.len(), 3, "the state changed");
+    assert_eq!(rec.outbox.len(), 2, "its events wait in the outbox");
+
+    // Both replicas die with the events unpublished; the stream comes back.
+    drop(a); // SIGKILL
+    drop(b); // SIGKILL
+    js.update_stream(voicerooms_platform::nats::rooms_stream_config(&settings))
+        .await
+        .expect("resume ROOMS");
+    assert_eq!(record().await.outbox.len(), 2, "nobody published them yet");
+    // A new replica's outbox sweep publishes them.
+    let mut c = spawn(&nats, &sim, "rm-outbox-c", tuning);
+    wait_ready(&mut c).await;
+
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(15), live.next())
+            .await
+            .expect("live event within 15 s")
+            .expect("subscription");
+        let ev = voicerooms_contract::RoomEvent::decode(&msg.payload).unwrap();
+        if let voicerooms_contract::event::Event::RoomMemberAdded(added) = &ev.event {
+            got.push(added.user.id);
+        }
+    }
+    assert_eq!(got, vec![bob.id, carol.id], "live, in order");
+    voicerooms_testkit::wait_until(Duration::from_secs(10), "the outbox emptied", || async {
+        record().await.outbox.is_empty()
+    })
+    .await;
+    let stored: Vec<_> = stream_events(&client, room, EventKind::RoomMemberAdded)
+        .await
+        .into_iter()
+        .map(|e| match e.event {
+            voicerooms_contract::event::Event::RoomMemberAdded(added) => added.user.id,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(stored, vec![bob.id, carol.id], "stored once each, in order");
+    drop(c);
     sim.shutdown().await;
 }

@@ -282,29 +282,7 @@ impl Env {
 
     /// Room events of one kind seen on the stream so far (reads the ROOMS stream).
     pub async fn events_of(&self, room: RoomId, kind: EventKind) -> Vec<RoomEvent> {
-        let js = async_nats::jetstream::new(self.client.clone());
-        let stream = js.get_stream("ROOMS").await.expect("stream");
-        let subject = format!("rooms.{GUILD}.{room}.{}", kind.as_str());
-        let consumer = stream
-            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subject,
-                ..Default::default()
-            })
-            .await
-            .expect("consumer");
-        let pending = consumer.cached_info().num_pending;
-        let mut out = Vec::new();
-        if pending == 0 {
-            return out;
-        }
-        let mut msgs = consumer.messages().await.expect("messages");
-        while out.len() < pending as usize {
-            match tokio::time::timeout(Duration::from_secs(2), msgs.next()).await {
-                Ok(Some(Ok(m))) => out.push(RoomEvent::decode(&m.payload).expect("event")),
-                _ => break,
-            }
-        }
-        out
+        stream_events(&self.client, room, kind).await
     }
 
     pub async fn wait_for_event(&self, room: RoomId, kind: EventKind, what: &str) -> RoomEvent {
@@ -377,6 +355,37 @@ pub async fn start_replica(s: Settings) -> Replica {
         stop: Some(tx),
         handle,
     }
+}
+
+/// Room events of one kind the `ROOMS` stream holds for `room`, in stream order.
+pub async fn stream_events(
+    client: &async_nats::Client,
+    room: RoomId,
+    kind: EventKind,
+) -> Vec<RoomEvent> {
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("ROOMS").await.expect("stream");
+    let subject = format!("rooms.{GUILD}.{room}.{}", kind.as_str());
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let pending = consumer.cached_info().num_pending;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return out;
+    }
+    let mut msgs = consumer.messages().await.expect("messages");
+    while out.len() < pending as usize {
+        match tokio::time::timeout(Duration::from_secs(2), msgs.next()).await {
+            Ok(Some(Ok(m))) => out.push(RoomEvent::decode(&m.payload).expect("event")),
+            _ => break,
+        }
+    }
+    out
 }
 
 /// A request with its own reply timeout (commands that wait for Discord's rate limits).
