@@ -176,17 +176,27 @@ pub async fn ensure_rooms_stream(
 ) -> anyhow::Result<stream::Stream> {
     use anyhow::Context as _;
     let config = rooms_stream_config(settings);
+    let mut create_error = None;
     if js.get_stream(subject::ROOMS_STREAM).await.is_ok() {
         js.update_stream(config)
             .await
             .context("updating the ROOMS stream")?;
     } else if let Err(e) = js.create_stream(config).await {
-        // Another service may have created it a moment ago: that is success.
+        // Another service may have created it a moment ago: that is success, if it can be read.
         tracing::debug!(error = %e, "create ROOMS stream raced; reading it");
+        create_error = Some(e);
     }
-    js.get_stream(subject::ROOMS_STREAM)
-        .await
-        .context("reading the ROOMS stream")
+    match js.get_stream(subject::ROOMS_STREAM).await {
+        Ok(stream) => Ok(stream),
+        // The read failing after a failed create: the create's error is the cause worth reporting
+        // (e.g. a fresh cluster without enough JetStream peers yet), not the read's "not found".
+        Err(read) => Err(match create_error {
+            Some(create) => anyhow::anyhow!(
+                "creating the ROOMS stream: {create}; reading it afterwards: {read}"
+            ),
+            None => anyhow::Error::new(read).context("reading the ROOMS stream"),
+        }),
+    }
 }
 
 /// Why the `ROOMS` stream's epoch could not be read.

@@ -166,6 +166,28 @@ impl NatsCluster {
         .await;
     }
 
+    /// Creates (or opens) the replicated `ROOMS` stream, retrying while the fresh cluster is still
+    /// electing its JetStream meta leader or waiting for enough peers to report JetStream ready:
+    /// that took over 30 s on a loaded 2-core machine, so the deadline is 90 s. Panics with the
+    /// last error (the create's cause, see `ensure_rooms_stream`) past it.
+    pub async fn create_rooms_stream(
+        &self,
+        js: &async_nats::jetstream::Context,
+        settings: &voicerooms_platform::settings::NatsSettings,
+    ) -> async_nats::jetstream::stream::Stream {
+        let started = Instant::now();
+        loop {
+            match voicerooms_platform::nats::ensure_rooms_stream(js, settings).await {
+                Ok(stream) => return stream,
+                Err(e) if started.elapsed() < Duration::from_secs(90) => {
+                    eprintln!("creating ROOMS R{}: {e:#}; retrying", settings.replicas);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("creating ROOMS R{}: {e:#}", settings.replicas),
+            }
+        }
+    }
+
     /// Every node's URL, comma separated (what services get in `VOICEROOMS__NATS__URL`).
     pub fn urls(&self) -> String {
         (0..self.nodes.len())

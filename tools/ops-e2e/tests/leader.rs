@@ -24,7 +24,7 @@ use voicerooms_contract::command::{RoomMember, RoomState, RoomView};
 use voicerooms_contract::event::{Event, JoinedVia, VoiceFlags, VoiceJoined, VoiceLeft};
 use voicerooms_contract::subject::ROOMS_STREAM;
 use voicerooms_contract::{GuildId, RoleId, RoomEvent, RoomId, UserId, UserRef};
-use voicerooms_platform::nats::{ensure_kv, ensure_rooms_stream};
+use voicerooms_platform::nats::ensure_kv;
 use voicerooms_platform::settings::NatsSettings;
 use voicerooms_testkit::{free_port, wait_until};
 
@@ -60,12 +60,7 @@ async fn live_delivery_resumes_moments_after_a_new_rooms_leader() {
         replicas: 3,
         ..Default::default()
     };
-    // A fresh cluster may still be electing its JetStream meta leader: retry within a deadline.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = ensure_rooms_stream(&js, &nats).await {
-        assert!(Instant::now() < deadline, "creating ROOMS R3: {e:#}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    cluster.create_rooms_stream(&js, &nats).await;
     let rooms = ensure_kv(&js, "rooms", 1, 3).await.unwrap();
     let view = RoomView {
         id: RoomId::new(ROOM).unwrap(),

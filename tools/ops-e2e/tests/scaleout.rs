@@ -34,7 +34,6 @@ use voicerooms_contract::command::{decode_reply, CreateRoom, Created, JoinRoom, 
 use voicerooms_contract::status::{GatewayState, GatewayStatus};
 use voicerooms_contract::subject::{self, CommandKind, ROOMS_STREAM};
 use voicerooms_contract::{ApiError, EventKind, GuildId, RoomEvent, RoomId, UserId, UserRef};
-use voicerooms_platform::nats::ensure_rooms_stream;
 use voicerooms_platform::settings::NatsSettings;
 use voicerooms_testkit::{free_port, wait_until};
 
@@ -218,18 +217,7 @@ async fn the_system_survives_losing_one_of_everything_without_losing_an_event() 
         replicas: 3,
         ..Default::default()
     };
-    // A fresh cluster may still be electing its JetStream meta leader: retry within a deadline.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match ensure_rooms_stream(&js, &nats_settings).await {
-            Ok(_) => break,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("creating ROOMS R3: {e:#}; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => panic!("creating ROOMS R3: {e:#}"),
-        }
-    }
+    cluster.create_rooms_stream(&js, &nats_settings).await;
     let info = js
         .get_stream(ROOMS_STREAM)
         .await
