@@ -262,13 +262,26 @@ fn services_are_deployed_as_production_needs() {
         .iter()
         .find(|d| name(d) == "gateway-listener")
         .unwrap();
-    assert_eq!(
-        gl["spec"]["replicas"], 2,
-        "gateway-listener: active + standby"
+    assert!(
+        gl["spec"]["replicas"].as_u64().unwrap() >= 2,
+        "gateway-listener: a pool of at least 2 identical replicas"
+    );
+    let env = gl["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "VOICEROOMS__GATEWAY__SHARD_COUNT"),
+        "the pool's shard count is set"
+    );
+    assert!(
+        !env.iter()
+            .any(|e| e["name"] == "VOICEROOMS__GATEWAY__SHARD_ID"),
+        "every replica runs the same configuration (no static shard)"
     );
     assert_eq!(
         gl["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
-        "the standby is never removed first"
+        "a new pod starts before an old one stops (shards move by handover)"
     );
 
     let hpas = kind(&docs, "HorizontalPodAutoscaler");

@@ -9,10 +9,13 @@ use voicerooms_platform::SettingsError;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// This replica's shard id (0-based).
-    pub shard_id: u32,
-    /// Total shards of the bot.
-    pub shard_count: u32,
+    /// Static mode: this replica runs only this shard (0-based), as holder or standby. Unset
+    /// (the default): the replica joins the shard pool and runs whichever shards it is balanced
+    /// to (docs/GATEWAY.md, "The shard pool").
+    pub shard_id: Option<u32>,
+    /// Total shards of the bot: `"auto"` (Discord's recommended `shards` from `GET /gateway/bot`,
+    /// pinned in the pool bucket by the first replica) or a number. Static mode needs a number.
+    pub shard_count: ShardCount,
     /// Gateway URL override; empty = ask `GET /gateway/bot` on `discord.api_base`.
     pub url: String,
     /// First retry delay after a failed attempt (ms); doubles per consecutive failure.
@@ -48,8 +51,8 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            shard_id: 0,
-            shard_count: 1,
+            shard_id: None,
+            shard_count: ShardCount::Auto,
             url: String::new(),
             backoff_base_ms: 1_000,
             backoff_max_ms: 16_000,
@@ -67,13 +70,87 @@ impl Default for GatewayConfig {
     }
 }
 
+/// `gateway.shard_count`: `"auto"` or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShardCount {
+    /// Discord's recommendation (`shards` of `GET /gateway/bot`), pinned in the pool bucket.
+    #[default]
+    Auto,
+    Fixed(u32),
+}
+
+impl Serialize for ShardCount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ShardCount::Auto => s.serialize_str("auto"),
+            ShardCount::Fixed(n) => s.serialize_u32(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ShardCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ShardCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"auto\" or a number of shards")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ShardCount, E> {
+                u32::try_from(v)
+                    .map(ShardCount::Fixed)
+                    .map_err(|_| E::custom("too many shards"))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ShardCount, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom("a negative number of shards"))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardCount, E> {
+                let v = v.trim();
+                if v.eq_ignore_ascii_case("auto") {
+                    return Ok(ShardCount::Auto);
+                }
+                v.parse::<u32>()
+                    .map(ShardCount::Fixed)
+                    .map_err(|_| E::custom("expected \"auto\" or a number of shards"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl std::fmt::Display for ShardCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShardCount::Auto => f.write_str("auto"),
+            ShardCount::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 impl GatewayConfig {
     pub fn check(&self) -> Result<(), SettingsError> {
-        if self.shard_count == 0 || self.shard_id >= self.shard_count {
-            return Err(SettingsError::invalid(
-                "gateway.shard_id",
-                "must be below gateway.shard_count (which must be at least 1)",
-            ));
+        match (self.shard_id, self.shard_count) {
+            (_, ShardCount::Fixed(0)) => {
+                return Err(SettingsError::invalid(
+                    "gateway.shard_count",
+                    "must be \"auto\" or at least 1",
+                ))
+            }
+            (Some(_), ShardCount::Auto) => {
+                return Err(SettingsError::invalid(
+                    "gateway.shard_count",
+                    "a static gateway.shard_id needs a number of shards, not \"auto\"",
+                ))
+            }
+            (Some(id), ShardCount::Fixed(count)) if id >= count => {
+                return Err(SettingsError::invalid(
+                    "gateway.shard_id",
+                    "must be below gateway.shard_count",
+                ))
+            }
+            _ => {}
         }
         if !(self.url.is_empty() || self.url.starts_with("ws://") || self.url.starts_with("wss://"))
         {
@@ -136,7 +213,7 @@ impl GatewayConfig {
                 "must be > 0",
             ));
         }
-        if self.lease_renew_ms == 0 || self.lease_ttl_ms < 2 * self.lease_renew_ms {
+        if self.lease_renew_ms == 0 || self.lease_ttl_ms < self.lease_renew_ms.saturating_mul(2) {
             return Err(SettingsError::invalid(
                 "gateway.lease_ttl_ms",
                 "must be at least twice gateway.lease_renew_ms (> 0)",
@@ -168,11 +245,37 @@ mod tests {
     #[test]
     fn a_shard_id_beyond_the_count_is_rejected() {
         let c = GatewayConfig {
-            shard_id: 2,
-            shard_count: 2,
+            shard_id: Some(2),
+            shard_count: ShardCount::Fixed(2),
             ..Default::default()
         };
         assert!(c.check().is_err());
         assert!(GatewayConfig::default().check().is_ok());
+        let auto_static = GatewayConfig {
+            shard_id: Some(0),
+            ..Default::default()
+        };
+        assert!(auto_static.check().is_err(), "static mode needs a count");
+        let none = GatewayConfig {
+            shard_count: ShardCount::Fixed(0),
+            ..Default::default()
+        };
+        assert!(none.check().is_err());
+    }
+
+    #[test]
+    fn shard_count_reads_auto_or_a_number() {
+        let read = |v: serde_json::Value| serde_json::from_value::<ShardCount>(v).ok();
+        assert_eq!(read(serde_json::json!("auto")), Some(ShardCount::Auto));
+        assert_eq!(read(serde_json::json!("AUTO")), Some(ShardCount::Auto));
+        assert_eq!(read(serde_json::json!(8)), Some(ShardCount::Fixed(8)));
+        assert_eq!(read(serde_json::json!("8")), Some(ShardCount::Fixed(8)));
+        assert_eq!(read(serde_json::json!(-1)), None);
+        assert_eq!(read(serde_json::json!("many")), None);
+        assert_eq!(read(serde_json::json!(5_000_000_000u64)), None);
+        assert_eq!(
+            serde_json::to_value(ShardCount::Fixed(3)).ok(),
+            Some(serde_json::json!(3))
+        );
     }
 }

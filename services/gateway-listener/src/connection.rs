@@ -93,7 +93,12 @@ impl Health {
             _ => Ok(()),
         }
     }
-    fn set_state(&self, s: GatewayState) {
+    /// A new holding period of the shard: not ready until its session is established.
+    pub(crate) fn begin(&self) {
+        self.set_state(GatewayState::Disconnected);
+        self.established.store(false, Ordering::Relaxed);
+    }
+    pub(crate) fn set_state(&self, s: GatewayState) {
         let i = GatewayState::ALL.iter().position(|x| *x == s).unwrap_or(0);
         self.state.store(i as u8, Ordering::Relaxed);
     }
@@ -340,7 +345,7 @@ impl Gateway {
                         .alert(
                             Severity::Critical,
                             ALERT_SESSION_START_RESERVE,
-                            format!("not identifying shard {}: {reserve}", self.config.shard_id),
+                            format!("not identifying shard {}: {reserve}", self.report.shard),
                         )
                         .await;
                 }
@@ -514,7 +519,7 @@ impl Gateway {
 
         // Heartbeats start at HELLO, whatever comes next: Discord closes a silent connection.
         let jitter: f64 = rand::random::<f64>();
-        let mut next_beat = tokio::time::Instant::now() + interval.mul_f64(jitter);
+        let mut next_beat = crate::later(tokio::time::Instant::now(), interval.mul_f64(jitter));
 
         // RESUME at once; IDENTIFY once the identify queue grants a turn (heartbeating meanwhile).
         let resuming = self.session.is_some();
@@ -538,7 +543,7 @@ impl Gateway {
         }
         let mut identify_pending = !resuming;
         let queue = self.identify.clone();
-        let shard = self.config.shard_id;
+        let shard = self.report.shard;
         let mut identify_turn = Box::pin(async move {
             if resuming {
                 std::future::pending().await
@@ -588,10 +593,10 @@ impl Gateway {
                             .await;
                     }
                     self.report.metrics.identifies.inc();
-                    tracing::info!(shard = self.config.shard_id, "identifying");
+                    tracing::info!(shard = self.report.shard, "identifying");
                     let identify = protocol::identify(
                         self.token.expose(),
-                        [self.config.shard_id, self.config.shard_count],
+                        [self.report.shard, self.report.shard_count],
                     );
                     if let Err(e) = sink.send(Message::Text(identify)).await {
                         break Ended::new(established, NextStep::Resume, None, format!("sending identify: {e}"));
@@ -615,14 +620,14 @@ impl Gateway {
                     awaiting_ack = true;
                     beat_sent = Instant::now();
                     self.report.metrics.last_ack_age.set(last_ack.elapsed().as_secs_f64());
-                    next_beat += interval;
+                    next_beat = crate::later(next_beat, interval);
                 }
                 permit = publisher.reserve(), if !outbox.is_empty() => {
                     match (permit, outbox.pop_front()) {
                         (Ok(p), Some(b)) => p.send(b),
                         _ => break Ended::new(established, NextStep::Resume, None, "publisher stopped".into()),
                     }
-                    self.report.metrics.queue_depth.set((publisher.max_capacity() - publisher.capacity()) as i64);
+                    self.report.metrics.queue_depth.set(i64::try_from(publisher.max_capacity().saturating_sub(publisher.capacity())).unwrap_or(i64::MAX));
                 }
                 msg = stream.next(), if outbox.is_empty() => {
                     let received_at = now_ms();

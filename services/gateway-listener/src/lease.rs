@@ -50,19 +50,31 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Opens (creating if needed) the lease bucket for the configured shard. Every KV request of
-    /// the lease but the checkpoint read is bounded by one renewal interval, so a request lost while the bucket elects a
-    /// leader (after a NATS node loss) costs one poll, not the JetStream timeout.
+    /// Opens (creating if needed) the lease bucket and the lease of shard `shard` of `count`.
     pub async fn open(
         js: &jetstream::Context,
         config: &GatewayConfig,
+        shard: u32,
+        count: u32,
         instance: &str,
         replicas: usize,
     ) -> anyhow::Result<Self> {
         let kv =
             voicerooms_platform::nats::ensure_kv(js, &config.lease_bucket, 1, replicas).await?;
-        let (shard, count) = (config.shard_id, config.shard_count);
-        Ok(Self {
+        Ok(Self::new(kv, config, shard, count, instance))
+    }
+
+    /// The lease of shard `shard` of `count` in an open bucket. Every KV request of the lease but
+    /// the checkpoint read is bounded by one renewal interval, so a request lost while the bucket
+    /// elects a leader (after a NATS node loss) costs one poll, not the JetStream timeout.
+    pub fn new(
+        kv: kv::Store,
+        config: &GatewayConfig,
+        shard: u32,
+        count: u32,
+        instance: &str,
+    ) -> Self {
+        Self {
             kv,
             key: pool_key::lease(shard, count),
             checkpoint_key: pool_key::checkpoint(shard, count),
@@ -72,7 +84,12 @@ impl Lease {
             revision: None,
             token: 0,
             checkpoint_revision: None,
-        })
+        }
+    }
+
+    /// Whether we hold the lease (as of our last successful write).
+    pub fn held(&self) -> bool {
+        self.revision.is_some()
     }
 
     /// `request` within `op_timeout`; a timeout is [`LeaseError::Unavailable`].
@@ -112,7 +129,9 @@ impl Lease {
             .bounded(self.kv.entry(self.key.clone()))
             .await?
             .map_err(|e| unavailable(&e))?;
-        let value = self.value(now_ms() + self.ttl.as_millis() as u64);
+        let value = self.value(
+            now_ms().saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)),
+        );
         // A write that lands after we gave up names us as holder: the next poll takes it as ours.
         let result = match entry {
             None => self
@@ -155,7 +174,9 @@ impl Lease {
         let Some(rev) = self.revision else {
             return Err(LeaseError::Lost);
         };
-        let value = self.value(now_ms() + self.ttl.as_millis() as u64);
+        let value = self.value(
+            now_ms().saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)),
+        );
         match self.bounded(self.kv.update(&self.key, value, rev)).await? {
             Ok(rev) => {
                 self.revision = Some(rev);

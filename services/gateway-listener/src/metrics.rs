@@ -56,6 +56,15 @@ pub struct Metrics {
     pub queue_depth: Family<Labels, Gauge>,
     /// Operator alerts raised (and resolved) by this replica, by service, code and severity.
     pub operator_alerts: Family<Labels, Counter>,
+    /// The pool: shards in it, live replicas seen, this replica's target and shards held.
+    pub pool_shards: Gauge,
+    pub pool_members: Gauge,
+    pub pool_target: Gauge,
+    pub pool_held: Gauge,
+    /// 1 for each shard this replica holds (the pool's assignment, by shard).
+    pub held: Family<Labels, Gauge>,
+    /// Shards this replica handed over to rebalance the pool.
+    pub handovers: Counter,
 }
 
 impl Default for Metrics {
@@ -76,6 +85,12 @@ impl Default for Metrics {
             publish_retries: Family::default(),
             queue_depth: Family::default(),
             operator_alerts: Family::default(),
+            pool_shards: Gauge::default(),
+            pool_members: Gauge::default(),
+            pool_target: Gauge::default(),
+            pool_held: Gauge::default(),
+            held: Family::default(),
+            handovers: Counter::default(),
         }
     }
 }
@@ -86,6 +101,8 @@ pub struct ShardMetrics {
     shard: u32,
     state: Family<Labels, Gauge>,
     pub connected: Gauge,
+    /// 1 while this replica holds the shard.
+    pub held: Gauge,
     pub attempts: Gauge,
     pub resumes: Counter,
     pub identifies: Counter,
@@ -121,6 +138,7 @@ impl ShardMetrics {
     /// This replica no longer runs the shard: `connected` 0, no state series.
     pub fn release(&self) {
         self.connected.set(0);
+        self.held.set(0);
         for s in GatewayState::ALL {
             self.state.remove(&vec![
                 ("shard".to_owned(), self.shard.to_string()),
@@ -138,6 +156,7 @@ impl Metrics {
             shard,
             state: self.state.clone(),
             connected: self.connected.get_or_create(&l).clone(),
+            held: self.held.get_or_create(&l).clone(),
             attempts: self.attempts.get_or_create(&l).clone(),
             resumes: self.resumes.get_or_create(&l).clone(),
             identifies: self.identifies.get_or_create(&l).clone(),
@@ -158,7 +177,9 @@ impl Metrics {
     pub fn cover_pool(&self, count: u32) {
         for shard in 0..count {
             let _ = self.connected.get_or_create(&shard_label(shard));
+            let _ = self.held.get_or_create(&shard_label(shard));
         }
+        self.pool_shards.set(i64::from(count));
     }
 
     pub fn register(&self, r: &mut Registry) {
@@ -171,6 +192,36 @@ impl Metrics {
             "gateway_connected",
             "1 while this replica holds the shard with a connected gateway session (0 for every other shard of the pool)",
             self.connected.clone(),
+        );
+        r.register(
+            "gateway_pool_shards",
+            "Shards in the gateway pool",
+            self.pool_shards.clone(),
+        );
+        r.register(
+            "gateway_pool_members",
+            "Live replicas of the gateway pool, as this replica sees them",
+            self.pool_members.clone(),
+        );
+        r.register(
+            "gateway_pool_target",
+            "Shards the pool's balance gives this replica",
+            self.pool_target.clone(),
+        );
+        r.register(
+            "gateway_pool_held",
+            "Shards this replica holds",
+            self.pool_held.clone(),
+        );
+        r.register(
+            "gateway_shard_held",
+            "1 for each shard this replica holds (the pool's assignment)",
+            self.held.clone(),
+        );
+        r.register(
+            "gateway_handovers",
+            "Shards this replica handed over to rebalance the pool",
+            self.handovers.clone(),
         );
         r.register(
             "gateway_state",

@@ -13,12 +13,12 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::{self, consumer, kv};
 use futures::StreamExt;
 use voicerooms_contract::subject::ROOMS_STREAM;
 use voicerooms_contract::{GuildId, RoomEvent};
 
-use crate::cache::VoiceCache;
+use crate::cache::{GuildSnapshot, VoiceCache};
 use crate::publisher::{Checkpoint, SessionInfo};
 
 /// Where a new holder starts from.
@@ -117,6 +117,109 @@ pub async fn restore(
     Ok(restored)
 }
 
+/// A shard of a new shard count that has no checkpoint of its own (the first start after
+/// resharding): its guilds' voice states from the checkpoints the previous shard count left, each
+/// guild brought up to date with the events stored after its old shard's checkpoint. The new
+/// session identifies and converges against that — exactly what consumers have — so resharding
+/// publishes only real differences. `None`: no other shard count has checkpoints.
+///
+/// The previous count is the one whose newest checkpoint is newest. Its shards must have stopped
+/// (written their final checkpoints) before the new count starts: docs/RUNBOOK.md, "Resharding".
+pub async fn restore_resharded(
+    js: &jetstream::Context,
+    kv: &kv::Store,
+    shard: u32,
+    count: u32,
+) -> anyhow::Result<Option<Restored>> {
+    use std::collections::BTreeMap;
+    let mut keys = tokio::time::timeout(TAIL_READ_TIMEOUT, kv.keys())
+        .await
+        .map_err(|_| anyhow::anyhow!("listing the pool bucket timed out"))??;
+    let mut others: BTreeMap<u32, Vec<(u32, String)>> = BTreeMap::new();
+    loop {
+        let next = tokio::time::timeout(TAIL_READ_TIMEOUT, keys.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("listing the pool bucket timed out"))?;
+        let Some(key) = next else { break };
+        let key = key?;
+        if let Some((old, old_count, "checkpoint")) =
+            voicerooms_contract::status::pool_key::parse(&key)
+        {
+            if old_count != count && old < old_count {
+                others.entry(old_count).or_default().push((old, key));
+            }
+        }
+    }
+    // The previous count: the one with the newest checkpoint.
+    let mut best: Option<(u64, u32, BTreeMap<u32, Checkpoint>)> = None;
+    for (old_count, keys) in others {
+        let mut checkpoints = BTreeMap::new();
+        for (old, key) in keys {
+            let value = tokio::time::timeout(TAIL_READ_TIMEOUT, kv.get(key))
+                .await
+                .map_err(|_| anyhow::anyhow!("reading an old checkpoint timed out"))??;
+            if let Some(c) = value.and_then(|v| serde_json::from_slice::<Checkpoint>(&v).ok()) {
+                checkpoints.insert(old, c);
+            }
+        }
+        let newest = checkpoints.values().map(|c| c.at).max().unwrap_or(0);
+        if best.as_ref().is_none_or(|(at, _, _)| newest > *at) {
+            best = Some((newest, old_count, checkpoints));
+        }
+    }
+    let Some((_, old_count, checkpoints)) = best else {
+        return Ok(None);
+    };
+    if checkpoints.is_empty() {
+        return Ok(None);
+    }
+    let ours = |g: GuildId| shard_of(g, count) == shard;
+    let snapshot: Vec<GuildSnapshot> = checkpoints
+        .values()
+        .flat_map(|c| c.voice.iter().filter(|g| ours(g.guild)).cloned())
+        .collect();
+    let mut cache = VoiceCache::from_snapshot(snapshot);
+    let stream_end = stream_end(js).await?;
+    let from = checkpoints
+        .values()
+        .map(|c| c.stream_seq)
+        .filter(|s| *s > 0)
+        .min()
+        .unwrap_or(stream_end);
+    let mut replayed = 0usize;
+    if from < stream_end {
+        for e in read_tail(js, from, stream_end).await? {
+            if !ours(e.guild) {
+                continue;
+            }
+            // Only what its old shard's checkpoint does not hold yet.
+            let after = checkpoints
+                .get(&shard_of(e.guild, old_count))
+                .map_or(0, |c| c.stream_seq);
+            if e.seq.unwrap_or(0) > after {
+                cache.apply_published(e.guild, e.room, &e.event);
+                replayed = replayed.saturating_add(1);
+            }
+        }
+    }
+    tracing::info!(
+        shard,
+        count,
+        previous_count = old_count,
+        previous_checkpoints = checkpoints.len(),
+        voice_states = cache.voice_count(),
+        replayed,
+        "resharded: starting from the previous shard count's checkpoints and the stream after them"
+    );
+    Ok(Some(Restored {
+        cache,
+        session: None,
+        seq: 0,
+        stream_seq: stream_end,
+        replayed,
+    }))
+}
+
 async fn stream_end(js: &jetstream::Context) -> anyhow::Result<u64> {
     let mut stream = js.get_stream(ROOMS_STREAM).await?;
     Ok(stream.info().await?.state.last_sequence)
@@ -156,7 +259,10 @@ async fn read_tail(
         }
         if next.subject.as_str().contains(".voice.") {
             match RoomEvent::decode_on(&next.subject, &next.payload) {
-                Ok(e) => out.push(e),
+                Ok(mut e) => {
+                    e.seq = Some(seq);
+                    out.push(e)
+                }
                 Err(e) => tracing::warn!(error = %e, seq, "skipping an undecodable stored event"),
             }
         }

@@ -1,6 +1,17 @@
 //! gateway-listener against the Discord simulator and a real nats-server: normalized events,
 //! connection faults, convergence, status and alerts.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::time::Duration;
@@ -256,6 +267,7 @@ async fn a_bad_token_stops_with_an_alert_and_no_retries() {
     // A configured gateway URL skips GET /gateway/bot, so the token meets the gateway itself.
     let config = gateway_listener::GatewayConfig {
         url: gw.sim.gateway_url().to_owned(),
+        shard_count: gateway_listener::ShardCount::Fixed(1),
         ..fast_gateway()
     };
     gw.start_app(config, "wrong-token").await;

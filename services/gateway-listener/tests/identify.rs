@@ -1,6 +1,17 @@
 //! Identify limits kept across replicas: Discord's `max_concurrency` (one IDENTIFY per 5 s per
 //! rate-limit key `shard_id % max_concurrency`) and the daily session-start budget.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::time::Duration;
@@ -60,8 +71,8 @@ async fn four_shards_in_four_replicas_identify_one_per_5_s_without_refusals() {
     // Act: four replicas start at once, one shard each.
     for shard in 0..4 {
         let config = gateway_listener::GatewayConfig {
-            shard_id: shard,
-            shard_count: 4,
+            shard_id: Some(shard),
+            shard_count: gateway_listener::ShardCount::Fixed(4),
             ..fast_gateway()
         };
         if shard == 0 {
@@ -104,8 +115,8 @@ async fn no_identify_takes_the_session_start_budget_below_the_reserve() {
     .await;
     let alerts_raw = collect(&gw.client, "ops.alerts.gateway-listener").await;
     let config = |shard| gateway_listener::GatewayConfig {
-        shard_id: shard,
-        shard_count: 3,
+        shard_id: Some(shard),
+        shard_count: gateway_listener::ShardCount::Fixed(3),
         session_start_reserve: 1,
         ..fast_gateway()
     };

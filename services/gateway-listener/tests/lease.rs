@@ -1,5 +1,16 @@
 //! The shard lease and its checkpoint against a real nats-server: who may write.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::time::Duration;
@@ -32,8 +43,12 @@ async fn a_holder_that_lost_its_lease_cannot_overwrite_the_new_holders_checkpoin
     let nats = NatsServer::start().await;
     let js = async_nats::jetstream::new(nats.client().await);
     let config = fast_gateway();
-    let mut a = Lease::open(&js, &config, "gw-a", 1).await.expect("lease a");
-    let mut b = Lease::open(&js, &config, "gw-b", 1).await.expect("lease b");
+    let mut a = Lease::open(&js, &config, 0, 1, "gw-a", 1)
+        .await
+        .expect("lease a");
+    let mut b = Lease::open(&js, &config, 0, 1, "gw-b", 1)
+        .await
+        .expect("lease b");
     assert!(a.try_acquire().await.expect("a acquires"));
     assert_eq!(a.claim_checkpoint().await.expect("a claims"), None);
     a.save_checkpoint(&checkpoint(5))

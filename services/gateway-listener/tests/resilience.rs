@@ -2,6 +2,17 @@
 //! schedule and alert, status and metrics, a NATS outage (also with a full publish queue), and
 //! standby takeover.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::time::{Duration, Instant};
@@ -380,6 +391,9 @@ async fn the_standby_takes_over_within_10_seconds_and_resumes_the_session() {
             ("VOICEROOMS__DISCORD__API_BASE", gw.sim.api_url()),
             ("VOICEROOMS__HTTP__PORT", "0".to_owned()),
             ("VOICEROOMS__INSTANCE", instance.to_owned()),
+            // Static mode: both replicas run shard 0 of 1, one holds it, the other stands by.
+            ("VOICEROOMS__GATEWAY__SHARD_ID", "0".to_owned()),
+            ("VOICEROOMS__GATEWAY__SHARD_COUNT", "1".to_owned()),
         ]
     };
     let state_of = |instance: &str| {
@@ -744,6 +758,9 @@ async fn a_paused_old_holder_cannot_overwrite_the_new_holders_checkpoint() {
             ("VOICEROOMS__DISCORD__API_BASE", gw.sim.api_url()),
             ("VOICEROOMS__HTTP__PORT", "0".to_owned()),
             ("VOICEROOMS__INSTANCE", instance.to_owned()),
+            // Static mode: both replicas run shard 0 of 1, one holds it, the other stands by.
+            ("VOICEROOMS__GATEWAY__SHARD_ID", "0".to_owned()),
+            ("VOICEROOMS__GATEWAY__SHARD_COUNT", "1".to_owned()),
             ("VOICEROOMS__GATEWAY__LEASE_TTL_MS", "1000".to_owned()),
             ("VOICEROOMS__GATEWAY__LEASE_RENEW_MS", "200".to_owned()),
         ]

@@ -1,5 +1,16 @@
 //! gateway-listener as a service: health, readiness, shutdown and configuration.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 voicerooms_testkit::service_conformance_tests!(
     crate_name: gateway_listener,
     bin: env!("CARGO_BIN_EXE_gateway-listener"),

@@ -1,5 +1,16 @@
 //! What operators see of the shards: status at any time (`vr-tail --ops`), metrics per shard.
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::time::Duration;
@@ -11,8 +22,8 @@ use voicerooms_testkit::wait_until;
 
 fn shard(id: u32, count: u32) -> gateway_listener::GatewayConfig {
     gateway_listener::GatewayConfig {
-        shard_id: id,
-        shard_count: count,
+        shard_id: Some(id),
+        shard_count: gateway_listener::ShardCount::Fixed(count),
         ..fast_gateway()
     }
 }

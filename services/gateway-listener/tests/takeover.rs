@@ -1,5 +1,16 @@
 //! Takeovers of a shard by another replica under load, with real processes (kill -9).
 
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
+
 mod support;
 
 use std::collections::BTreeMap;
@@ -41,6 +52,9 @@ async fn non_resumable_takeovers_under_load_leave_the_stream_equal_to_discord() 
             ("VOICEROOMS__DISCORD__API_BASE", gw.sim.api_url()),
             ("VOICEROOMS__HTTP__PORT", "0".to_owned()),
             ("VOICEROOMS__INSTANCE", instance.to_owned()),
+            // Static mode: both replicas run shard 0 of 1, one holds it, the other stands by.
+            ("VOICEROOMS__GATEWAY__SHARD_ID", "0".to_owned()),
+            ("VOICEROOMS__GATEWAY__SHARD_COUNT", "1".to_owned()),
             ("VOICEROOMS__GATEWAY__LEASE_TTL_MS", "1000".to_owned()),
             ("VOICEROOMS__GATEWAY__LEASE_RENEW_MS", "200".to_owned()),
         ]

@@ -112,6 +112,12 @@ pub mod pool_key {
     pub fn status(shard: u32, count: u32) -> String {
         format!("shard-{shard}-of-{count}.status")
     }
+    /// `pool.members`: the pool's live replicas ([`super::PoolMembers`]), rewritten by each
+    /// replica (compare-and-set) at every pool tick.
+    pub const MEMBERS: &str = "pool.members";
+    /// `pool.shard_count`: the pool's shard count (decimal), pinned by the first replica of an
+    /// `"auto"` pool so that every replica runs the same count.
+    pub const SHARD_COUNT: &str = "pool.shard_count";
     /// `(shard, count)` of a `shard-<id>-of-<count>.<what>` key, with `<what>`.
     pub fn parse(key: &str) -> Option<(u32, u32, &str)> {
         let (shard_part, what) = key.split_once('.')?;
@@ -126,6 +132,28 @@ pub mod pool_key {
 pub struct ShardLease {
     pub holder: String,
     pub expires_at: Millis,
+}
+
+/// The gateway pool's live replicas (`pool.members` in the pool bucket), by instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMembers {
+    #[serde(default)]
+    pub members: std::collections::BTreeMap<String, PoolMember>,
+}
+
+/// One replica of the gateway pool, as it last wrote itself down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMember {
+    /// The entry counts as live until then (wall clock, ms); rewritten at every pool tick.
+    pub expires_at: Millis,
+    /// The shard count it runs.
+    pub shard_count: u32,
+    /// The shards it holds.
+    #[serde(default)]
+    pub held: Vec<u32>,
+    /// How many shards its balance gives it.
+    #[serde(default)]
+    pub target: u32,
 }
 
 /// How urgent an alert is.

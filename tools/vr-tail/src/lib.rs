@@ -24,7 +24,9 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use serde::Serialize;
-use voicerooms_contract::status::{pool_key, GatewayStatus, OperatorAlert, ShardLease};
+use voicerooms_contract::status::{
+    pool_key, GatewayStatus, OperatorAlert, PoolMembers, ShardLease,
+};
 use voicerooms_contract::subject::{self, Subject, ROOMS_STREAM};
 use voicerooms_contract::{now_ms, EventKind, GuildId, Millis, RoomEvent, RoomId, UserId};
 
@@ -99,7 +101,8 @@ USAGE: vr-tail [OPTIONS]
   --limit N           stop after N lines
   --ops               also show gateway.*.status and ops.alerts.> (live mode): first every
                       shard's last status (with its holder, from the gateway pool's KV
-                      bucket), then changes as they happen
+                      bucket) and the pool's assignment (each live replica's shards),
+                      then changes as they happen
   --gateway-bucket B  the gateway pool's KV bucket (default: gateway_leases)
   -h, --help          this text
 
@@ -219,7 +222,7 @@ pub struct Line {
     pub time: String,
     /// The event's own subject (`rooms.…`, also when it arrived on `live.rooms.…`).
     pub subject: String,
-    /// `voice.joined`, …; `gateway.status` and `ops.alert` for `--ops` lines.
+    /// `voice.joined`, …; `gateway.status`, `gateway.pool` and `ops.alert` for `--ops` lines.
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guild: Option<GuildId>,
@@ -279,7 +282,8 @@ impl Line {
         if let Some(latency) = self.latency_ms {
             out.push_str(&format!(" latency={latency}ms"));
         }
-        if self.kind == "gateway.status" || self.kind == "ops.alert" {
+        if self.kind == "gateway.status" || self.kind == "ops.alert" || self.kind == "gateway.pool"
+        {
             out.push_str(&format!(" {}", self.event));
         }
         if let Some(note) = &self.note {
@@ -455,8 +459,9 @@ fn status_line(message: &async_nats::Message) -> Option<Line> {
 }
 
 /// Every shard's last status from the gateway pool's KV bucket, by shard, each with a note when
-/// its lease says the shard has no holder now or another one. Empty when there is no bucket (no
-/// gateway-listener has run) or it cannot be read within a few seconds.
+/// its lease says the shard has no holder now or another one; then the pool's assignment (a
+/// `gateway.pool` line: each live replica and the shards it holds). Empty when there is no bucket
+/// (no gateway-listener has run) or it cannot be read within a few seconds.
 pub async fn shard_statuses(client: &async_nats::Client, bucket: &str) -> Vec<Line> {
     let read = async {
         let js = jetstream::new(client.clone());
@@ -487,6 +492,7 @@ pub async fn shard_statuses(client: &async_nats::Client, bucket: &str) -> Vec<Li
             let now = now_ms();
             let note = match lease {
                 None => Some("no holder".to_owned()),
+                Some(l) if l.expires_at == 0 => Some("no holder: released".to_owned()),
                 Some(l) if l.expires_at <= now => Some(format!(
                     "no holder: lease expired {} s ago",
                     now.saturating_sub(l.expires_at) / 1000
@@ -507,6 +513,9 @@ pub async fn shard_statuses(client: &async_nats::Client, bucket: &str) -> Vec<Li
                 note,
             });
         }
+        if let Some(pool) = pool_line(&kv).await {
+            lines.push(pool);
+        }
         Some(lines)
     };
     tokio::time::timeout(Duration::from_secs(5), read)
@@ -514,6 +523,32 @@ pub async fn shard_statuses(client: &async_nats::Client, bucket: &str) -> Vec<Li
         .ok()
         .flatten()
         .unwrap_or_default()
+}
+
+/// The pool's live replicas and the shards each holds (`pool.members`), when there is a pool.
+async fn pool_line(kv: &jetstream::kv::Store) -> Option<Line> {
+    let bytes = kv.get(pool_key::MEMBERS).await.ok()??;
+    let mut pool: PoolMembers = serde_json::from_slice(&bytes).ok()?;
+    let now = now_ms();
+    pool.members.retain(|_, m| m.expires_at > now);
+    let note = pool
+        .members
+        .iter()
+        .map(|(name, m)| format!("{name}: {:?} of {}", m.held, m.shard_count))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(Line {
+        time: timefmt::rfc3339_ms(now),
+        subject: format!("kv {}", pool_key::MEMBERS),
+        kind: "gateway.pool".to_owned(),
+        guild: None,
+        room: None,
+        user: None,
+        seq: None,
+        latency_ms: None,
+        note: Some(format!("{} live replicas; {note}", pool.members.len())),
+        event: serde_json::to_value(&pool).ok()?,
+    })
 }
 
 fn alert_line(message: &async_nats::Message) -> Option<Line> {

@@ -2,6 +2,16 @@
 //! in-process, plus readers for what reached the ROOMS stream.
 
 #![allow(dead_code)]
+// Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::arithmetic_side_effects,
+    clippy::unreachable
+)]
 
 use std::time::Duration;
 
