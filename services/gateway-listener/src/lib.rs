@@ -369,8 +369,9 @@ impl Supervisor {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut target = 0u32;
-        // Claims wait for two ticks after joining, so replicas starting together see each other
-        // before the first one claims the whole pool.
+        // Claims wait for two ticks after joining (and after a failed tick: NATS may have been
+        // away long enough for every member entry to lapse), so replicas starting together see
+        // each other before the first one claims the whole pool.
         let mut settle = POOL_SETTLE_TICKS;
         let states = |want: &[SlotState]| -> BTreeSet<u32> {
             ctls.iter()
@@ -392,6 +393,7 @@ impl Supervisor {
                         error = format!("{e:#}"),
                         "pool members not written; skipping this tick"
                     );
+                    settle = POOL_SETTLE_TICKS;
                     continue;
                 }
             };
@@ -402,6 +404,7 @@ impl Supervisor {
                         error = format!("{e:#}"),
                         "shard leases not read; skipping this tick"
                     );
+                    settle = POOL_SETTLE_TICKS;
                     continue;
                 }
             };

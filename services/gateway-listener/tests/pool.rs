@@ -1,6 +1,7 @@
 //! The shard pool with real processes: N identical replicas share M shards — balanced, a killed
-//! replica's shards resumed by the others, a joining replica taking its share by handover — with
-//! nothing lost, duplicated or reordered, and Discord's identify limit kept across replicas.
+//! replica's shards resumed by the others, a joining replica taking its share by handover, a
+//! stopping one handing its shards over — with nothing lost, duplicated or reordered, and
+//! Discord's identify limit kept across replicas.
 
 // Test code: a panic here (unwrap, expect, an index or an overflow) is a failed test.
 #![allow(
@@ -298,6 +299,34 @@ async fn three_replicas_share_eight_shards_fail_over_and_rebalance_without_loss(
         })
         .await;
     }
+    // Act 4: a replica stops gracefully (SIGTERM, as in a scale-down or rolling update): it
+    // hands every shard over; the three left take them (3/3/2).
+    let leaving = live.first().copied().expect("a live replica");
+    let stopped = Instant::now();
+    if let Some(p) = replicas.get_mut(leaving) {
+        p.terminate();
+    }
+    live.retain(|r| *r != leaving);
+    let ok = wait_for(Duration::from_secs(30), || async {
+        settled(&kv, &live)
+            .await
+            .is_some_and(|s| balanced(&s, &live))
+    })
+    .await;
+    let now = settled(&kv, &live).await;
+    assert!(
+        ok,
+        "not rebalanced after {leaving} stopped: {now:?}\n{timeline:#?}"
+    );
+    timeline.push(format!(
+        "{leaving} stopped (SIGTERM); rebalanced after {:?}: {now:?}",
+        stopped.elapsed()
+    ));
+    let flowing = stored_all(&gw.client).await.len();
+    wait_until(Duration::from_secs(20), "events flowing", || async {
+        stored_all(&gw.client).await.len() >= flowing + 200
+    })
+    .await;
     let made = load.stop().await;
 
     // Assert: every change stored once, in order per user, and the stream equals Discord.
