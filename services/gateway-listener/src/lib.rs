@@ -15,8 +15,13 @@
 //!                 publisher ──JetStream (Nats-Msg-Id = <session>:<seq>:<part>)──▶ ROOMS
 //!                   │ shadow cache + acked seq
 //!                   ▼
-//!                 lease (KV): who holds the shard; session checkpoint for the standby
+//!                 lease (KV): who holds the shard; session checkpoint for the next holder
 //! ```
+//!
+//! One replica runs that chain once per shard it holds. Which shards: the pool ([`pool`]) —
+//! every replica runs the same configuration, and they balance the bot's shards between them
+//! through KV (members, leases), handing shards over on joins and leaves and resuming a dead
+//! replica's shards. A static `gateway.shard_id` runs one shard as holder or standby instead.
 //!
 //! ## Layout
 //! - [`config`]: the `gateway` settings section and the backoff schedule.
@@ -24,8 +29,13 @@
 //! - [`discord`]: serenity model types → our voice updates and channel changes.
 //! - [`cache`]: the voice-state cache and the convergence diff (pure, unit tested).
 //! - [`connection`]: the connection loop and its state machine, status and alerts.
-//! - [`publisher`]: ordered, pipelined, retried JetStream publishing and the checkpoint.
+//! - [`publisher`]: ordered (one event at a time), retried JetStream publishing and the checkpoint.
 //! - [`lease`]: the shard lease and checkpoint in JetStream KV.
+//! - [`pool`]: the shard pool's balance, members and shard count.
+//! - [`takeover`]: a new holder's starting point (checkpoint + stream; a new shard count's first
+//!   start from the previous count's checkpoints).
+//! - [`identify`]: identify turns across replicas.
+//! - [`status`]: every shard's status, observable at any time.
 //! - [`metrics`]: the `voicerooms_gateway_*` metrics.
 //! - [`Application`]: it builds (connect NATS, ensure the stream, bind HTTP, start the supervisor)
 //!   and run until stopped.
