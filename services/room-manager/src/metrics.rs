@@ -45,6 +45,9 @@ pub struct Metrics {
     pub reconcile_actions: Family<Labels, Counter>,
     /// Unaccounted Discord objects seen by the last pass, waiting for their grace period.
     pub reconcile_suspects: Gauge<i64, AtomicI64>,
+    /// Guilds the last pass could not reconcile because Discord refuses them (the bot is not
+    /// in them, or they do not exist).
+    pub reconcile_unreachable_guilds: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -62,6 +65,7 @@ impl Default for Metrics {
             reconcile_passes: Counter::default(),
             reconcile_actions: Family::default(),
             reconcile_suspects: Gauge::default(),
+            reconcile_unreachable_guilds: Gauge::default(),
         }
     }
 }
@@ -128,6 +132,11 @@ impl Metrics {
             "Unaccounted Discord objects waiting for the reconciler's grace period",
             self.reconcile_suspects.clone(),
         );
+        r.register(
+            "reconcile_unreachable_guilds",
+            "Guilds of the allow-list (or of stored rooms) Discord refuses: the bot is not in them",
+            self.reconcile_unreachable_guilds.clone(),
+        );
     }
 
     pub fn event_applied(&self, kind: &str) {
@@ -158,6 +167,8 @@ impl Metrics {
         }
         self.reconcile_suspects
             .set(i64::try_from(report.suspects).unwrap_or(i64::MAX));
+        self.reconcile_unreachable_guilds
+            .set(i64::try_from(report.unreachable_guilds).unwrap_or(i64::MAX));
         self.reconcile_passes.inc();
     }
 

@@ -10,6 +10,9 @@
 //!    Otherwise its objects go to the durable cleanup queue.
 //! 2. **KV is read** (slots, then rooms — a create writes its room before dropping its slot, so
 //!    in that order nothing is missed), **then Discord is listed**, **then KV is read again**.
+//!    A guild Discord refuses (the bot is not in it) is skipped and noted, so creates there are
+//!    refused without a Discord call; a guild whose listing fails otherwise is skipped this pass.
+//!    Either way the other guilds are reconciled.
 //! 3. **Vanished channels:** a room present in both reads, older than `reconcile_grace_ms`,
 //!    whose channel is missing from the listing *and* answers 404 when asked directly is closed
 //!    (`channel_deleted`). Its channel was made before its record, so reading KV first means a
@@ -32,8 +35,8 @@ use voicerooms_contract::{
     now_ms, subject, ApiError, ErrorCode, GuildId, RoleId, RoomId, UserId, UserRef,
 };
 
-use crate::discord::{Channel, Role, GUILD_VOICE};
-use crate::rooms::create::{discard, nonce_of, role_name};
+use crate::discord::{Channel, DiscordError, Role, GUILD_VOICE};
+use crate::rooms::create::{discard, guild_refused, nonce_of, role_name};
 use crate::rooms::lifecycle::complete_deletion;
 use crate::rooms::{finish_room, Core, MAX_SCAN};
 use crate::store::{
@@ -53,6 +56,8 @@ pub struct Report {
     pub suspects: usize,
     /// Rooms closed because their channel is gone.
     pub closed: usize,
+    /// Guilds skipped because Discord refuses them (10004 / 50001: the bot is not in them).
+    pub unreachable_guilds: usize,
 }
 
 /// Per-process memory of unaccounted objects: when each was first seen so.
@@ -123,19 +128,27 @@ impl Reconciler {
                 guilds.push(rec.view.guild);
             }
         }
+        // A guild that cannot be listed is skipped; the others are reconciled all the same.
         let mut listed = Vec::new();
+        let mut failed = None;
         for guild in guilds {
-            let roles = core
-                .discord
-                .guild_roles(guild.get())
-                .await
-                .map_err(|e| e.to_api())?;
-            let channels = core
-                .discord
-                .guild_channels(guild.get())
-                .await
-                .map_err(|e| e.to_api())?;
-            listed.push((guild, roles, channels));
+            let listing = async {
+                let roles = core.discord.guild_roles(guild.get()).await?;
+                let channels = core.discord.guild_channels(guild.get()).await?;
+                Ok::<_, DiscordError>((roles, channels))
+            };
+            match listing.await {
+                Ok((roles, channels)) => listed.push((guild, roles, channels)),
+                Err(e) if guild_refused(&e) => {
+                    core.note_guild_refused(guild);
+                    report.unreachable_guilds = report.unreachable_guilds.saturating_add(1);
+                    tracing::warn!(guild = %guild, error = %e, "Discord refuses this guild (the bot is not in it, or it does not exist): not reconciled; add the bot or remove the guild from rooms.guilds");
+                }
+                Err(e) => {
+                    tracing::warn!(guild = %guild, error = %e, "listing the guild failed; it is reconciled next pass");
+                    failed.get_or_insert(e.to_api());
+                }
+            }
         }
         let second = Accounting::read(core).await?;
         let now = Instant::now();
@@ -204,7 +217,12 @@ impl Reconciler {
         let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
         suspects.retain(|id, _| unaccounted.contains(id));
         report.suspects = suspects.len();
-        Ok(report)
+        drop(suspects);
+        match failed {
+            // The pass did not see every guild: not a completed pass.
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
     }
 
     /// Whether `id` has been unaccounted for since at least `grace` ago (remembering it now if

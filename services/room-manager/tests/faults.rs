@@ -75,6 +75,82 @@ async fn creates_in_foreign_and_unknown_guilds_are_refused_before_any_discord_ca
     env.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_listed_guild_the_bot_is_not_in_is_refused_without_discord_calls_and_the_others_are_reconciled(
+) {
+    // The operator lists a guild the bot was never added to (or was removed from).
+    let mut env = Env::start_tuned(0, quiet_rooms(), false, |_| {}).await;
+    let absent = env
+        .sim
+        .create_guild_with(None, "bot not here", false)
+        .expect("guild");
+    let rooms = RoomsSettings {
+        guilds: format!("{GUILD},{absent}"),
+        reconcile_grace_ms: 200,
+        ..quiet_rooms()
+    };
+    env.add_replica("rm-0", rooms.clone()).await;
+    env.add_replica("rm-1", rooms).await;
+    // Each replica's start-up pass completes: the refused guild is skipped, not fatal (before,
+    // its 403 failed every pass, so no guild was ever reconciled).
+    env.wait_startup_reconcile().await;
+    for r in &env.replicas {
+        assert_eq!(r.app_core.metrics.reconcile_unreachable_guilds.get(), 1);
+    }
+    let alice = seeded(0);
+    env.sim.clear_events();
+    for i in 0..10 {
+        let err = env
+            .request::<_, Created>(
+                CommandKind::Create,
+                &CreateRoom {
+                    requester: alice.clone(),
+                    guild: GuildId::new(absent).unwrap(),
+                    name: format!("nowhere {i}"),
+                    idempotency_key: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Validation, "{err}");
+        assert!(!err.code.retryable());
+    }
+    assert_eq!(
+        rest_calls(&env.sim),
+        vec![],
+        "a guild Discord refused a moment ago is not asked again"
+    );
+    // The guild the bot is in: creates work, and an orphan there is still found and deleted.
+    env.create(&alice, "home").await.expect("create at home");
+    let orphan = env
+        .sim
+        .create_role(GUILD, "vr-0123456789ab lost", 0)
+        .expect("role");
+    let core = env.replicas[0].app_core.clone();
+    let reconciler = room_manager::reconcile::Reconciler::default();
+    let first = reconciler
+        .pass(&core)
+        .await
+        .expect("a pass despite the refused guild");
+    assert_eq!(
+        (first.suspects, first.unreachable_guilds),
+        (1, 1),
+        "{first:?}"
+    );
+    let seen = std::time::Instant::now();
+    voicerooms_testkit::wait_until(Duration::from_secs(5), "the grace period over", || async {
+        seen.elapsed() > Duration::from_millis(300)
+    })
+    .await;
+    let second = reconciler
+        .pass(&core)
+        .await
+        .expect("a pass despite the refused guild");
+    assert_eq!(second.deleted, 1, "{second:?}");
+    assert!(!role_ids(&env.sim).await.contains(&orphan));
+    env.shutdown().await;
+}
+
 /// Runs `n` creates at once; checks each room has exactly one role and one channel.
 async fn creates_with_a_slow_answer(env: &Env, owners: &[UserRef], what: &str) -> Vec<Created> {
     let mut tasks = Vec::new();

@@ -84,14 +84,24 @@ impl Failed {
     }
 }
 
+/// Whether Discord refused a guild-level call because the guild is unknown or the bot is not in
+/// it.
+pub fn guild_refused(e: &DiscordError) -> bool {
+    matches!(e.json_code(), Some(UNKNOWN_GUILD) | Some(MISSING_ACCESS))
+}
+
+fn bot_not_in_guild() -> ApiError {
+    ApiError::new(
+        ErrorCode::Validation,
+        "rooms cannot be created in this guild (the bot is not in it)",
+    )
+}
+
 /// A Discord failure as the creator sees it: a guild the bot cannot use is not worth retrying,
 /// a guild at Discord's limits is full.
 fn create_error(e: &DiscordError) -> ApiError {
     match e.json_code() {
-        Some(UNKNOWN_GUILD) | Some(MISSING_ACCESS) => ApiError::new(
-            ErrorCode::Validation,
-            "rooms cannot be created in this guild (the bot is not in it)",
-        ),
+        Some(UNKNOWN_GUILD) | Some(MISSING_ACCESS) => bot_not_in_guild(),
         Some(MAX_ROLES) | Some(MAX_CHANNELS) => ApiError::new(
             ErrorCode::RoomLimitReached,
             "the guild is at Discord's limit of roles or channels",
@@ -108,6 +118,11 @@ pub async fn create(core: &Arc<Core>, cmd: CreateRoom) -> Result<Created, ApiErr
             ErrorCode::Validation,
             format!("rooms cannot be created in guild {}", cmd.guild),
         ));
+    }
+    // Discord refused this guild a moment ago: asking again would only spend the bot's
+    // invalid-request budget.
+    if core.guild_refused(cmd.guild) {
+        return Err(bot_not_in_guild());
     }
     let user = cmd.requester.id;
     let nonce: String = uuid::Uuid::new_v4()
@@ -205,11 +220,12 @@ async fn build(core: &Core, cmd: &CreateRoom, nonce: &str) -> Result<RoomRecord,
     let user = cmd.requester.id;
     let bot = core.bot_id().await.map_err(|e| Failed::at(e, None, None))?;
     let name = role_name(nonce, &cmd.name);
-    let role = core
-        .discord
-        .create_role(guild, &name)
-        .await
-        .map_err(|e| Failed::discord(&e, None, None))?;
+    let role = core.discord.create_role(guild, &name).await.map_err(|e| {
+        if guild_refused(&e) {
+            core.note_guild_refused(cmd.guild);
+        }
+        Failed::discord(&e, None, None)
+    })?;
     let role_id = role
         .id_u64()
         .ok_or_else(|| Failed::at(bad_id("role"), None, None))?;

@@ -13,10 +13,11 @@ pub mod create;
 pub mod lifecycle;
 pub mod membership;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use tokio::sync::{OnceCell, Semaphore};
@@ -40,6 +41,10 @@ pub use membership::{get, join, leave, list_mine, place, placement_label, rotate
 
 /// Longest room list returned by `list_mine`, and most rooms scanned.
 pub const MAX_SCAN: usize = 10_000;
+
+/// How long a guild Discord refused (10004 Unknown Guild, 50001 Missing Access: the bot is not
+/// in it) is refused here without asking Discord again. Each refusal is an invalid request.
+pub const GUILD_REFUSED_FOR: Duration = Duration::from_secs(60);
 
 /// The KV buckets room-manager works on.
 #[derive(Clone)]
@@ -76,6 +81,10 @@ pub struct Core {
     /// The `ROOMS` stream's epoch as last seen by the event consumer (0: not yet known).
     epoch: AtomicU64,
     bot_id: OnceCell<u64>,
+    /// Guilds Discord refused, and when (see [`GUILD_REFUSED_FOR`]). A std mutex: held for a
+    /// lookup or an update, never across an await. Bounded: only allow-listed guilds and
+    /// guilds of stored rooms are ever noted, and expired entries are dropped.
+    refused_guilds: Mutex<HashMap<GuildId, Instant>>,
 }
 
 /// What [`Core::new`] is built from.
@@ -118,6 +127,7 @@ impl Core {
             jobs,
             epoch: AtomicU64::new(0),
             bot_id: OnceCell::new(),
+            refused_guilds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -128,6 +138,29 @@ impl Core {
             .await
             .copied()
             .map_err(|e| e.to_api())
+    }
+
+    /// Notes that Discord refused `guild` as a whole (the bot is not in it, or it does not
+    /// exist): creates there are refused without a Discord call for [`GUILD_REFUSED_FOR`].
+    pub fn note_guild_refused(&self, guild: GuildId) {
+        let mut refused = self
+            .refused_guilds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        refused.retain(|_, at| now.saturating_duration_since(*at) < GUILD_REFUSED_FOR);
+        refused.insert(guild, now);
+    }
+
+    /// Whether Discord refused `guild` within the last [`GUILD_REFUSED_FOR`].
+    pub fn guild_refused(&self, guild: GuildId) -> bool {
+        let refused = self
+            .refused_guilds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        refused
+            .get(&guild)
+            .is_some_and(|at| at.elapsed() < GUILD_REFUSED_FOR)
     }
 
     pub async fn record(&self, room: RoomId) -> Result<Option<(RoomRecord, u64)>, ApiError> {
