@@ -8,6 +8,10 @@
 //! retried in the background, and every replica's sweep re-drives outboxes it finds non-empty,
 //! so a replica dying after the state change loses nothing.
 //!
+//! A publish acknowledged with a sequence not above the room's recorded one (same epoch) means
+//! the stream was recreated: its epoch is read again, and the record's `seq`, `voice_seq` and
+//! `stream_epoch` move to the new stream, even before the event consumer restarts on it.
+//!
 //! Exactly once, in order: drains publish from the front and stop at the first failure, so the
 //! stored events of a room are always a prefix of its outbox order; two drains racing publish the
 //! same ids, which the stream's duplicate window stores once. An event older than the window is
@@ -105,7 +109,7 @@ impl Outbox {
                 Some(seq) => seq,
                 None => publish(core, &front).await?,
             };
-            let epoch = core.stream_epoch();
+            let epoch = epoch_of(core, &rec, seq).await;
             store::update::<RoomRecord, (), ApiError, _>(&core.rooms, &key, |cur| {
                 let Some(mut r) = cur else {
                     return Ok(Change::Keep(()));
@@ -191,6 +195,30 @@ impl Outbox {
             published = published.saturating_add(self.drain(core, rec.view.id).await?);
         }
         Ok(published)
+    }
+}
+
+/// The epoch of the stream that stored `seq`: the one last seen, unless `seq` is not above the
+/// sequence the room recorded in that same epoch. Sequences only grow within a stream, so then
+/// the stream was recreated since (or the ack was a duplicate's, naming an earlier sequence),
+/// and the stream is asked — the event consumer may not have restarted on the new stream yet.
+async fn epoch_of(core: &Core, rec: &RoomRecord, seq: u64) -> Option<StreamEpoch> {
+    let known = core.stream_epoch();
+    if known.is_none() || rec.stream_epoch != known || seq > rec.view.seq {
+        return known;
+    }
+    match voicerooms_platform::nats::rooms_stream_epoch(&core.js).await {
+        Ok(current) => {
+            if Some(current) != known {
+                tracing::info!(epoch = %current, "the ROOMS stream was recreated");
+                core.set_stream_epoch(current);
+            }
+            Some(current)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the ROOMS stream's epoch failed");
+            known
+        }
     }
 }
 

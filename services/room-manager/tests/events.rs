@@ -336,6 +336,95 @@ async fn after_the_rooms_stream_is_deleted_and_recreated_voice_events_are_applie
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_stored_in_a_recreated_stream_before_the_consumer_restarts_records_the_new_epoch()
+{
+    // The consumer stays down once killed (a minute's restart delay): only the outbox sees the
+    // new stream.
+    let env = Env::start_tuned(1, quiet_rooms(), false, |t| t.restart_backoff_ms = 60_000).await;
+    let replica = &env.replicas[0];
+    let (alice, bob, carol) = (seeded(0), seeded(1), seeded(2));
+    let created = env.create(&alice, "epochs").await.unwrap();
+    let room = created.room.id;
+    for _ in 0..10 {
+        env.publish(room.get(), joined(&bob)).await;
+    }
+    let js = jetstream::new(env.client.clone());
+    let last = js
+        .get_stream(subject::ROOMS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    eventually("every event applied", || async {
+        env.replicas[0]
+            .app_core
+            .record(room)
+            .await
+            .unwrap()
+            .is_some_and(|(r, _)| r.view.seq >= last)
+    })
+    .await;
+    assert!(replica.health.abort("events"), "the consumer was running");
+    js.delete_stream(subject::ROOMS_STREAM)
+        .await
+        .expect("delete ROOMS");
+    voicerooms_platform::nats::ensure_rooms_stream(&js, &Default::default())
+        .await
+        .expect("recreate ROOMS");
+    let new_epoch = voicerooms_platform::nats::rooms_stream_epoch(&js)
+        .await
+        .unwrap();
+
+    env.join(&carol, &created.invite.token).await.expect("join");
+
+    let added = env.events_of(room, EventKind::RoomMemberAdded).await;
+    assert_eq!(added.len(), 1, "the join's event is in the new stream");
+    let new_last = js
+        .get_stream(subject::ROOMS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    assert!(new_last < last, "the new stream's sequences start again");
+    eventually("the outbox emptied", || async {
+        env.replicas[0]
+            .app_core
+            .record(room)
+            .await
+            .unwrap()
+            .is_some_and(|(r, _)| r.outbox.is_empty())
+    })
+    .await;
+    let rec = env.replicas[0]
+        .app_core
+        .record(room)
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(
+        stored_epoch(&js, room).await,
+        Some(new_epoch),
+        "the snapshot's seq is counted in the new stream"
+    );
+    assert_eq!(
+        rec.view.seq, new_last,
+        "the snapshot reflects the join's event"
+    );
+    assert!(
+        rec.voice_seq.is_empty(),
+        "old-stream voice sequences dropped"
+    );
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_publish_failed_is_stored_once_in_order_and_reaches_live_clients() {
     let env = Env::start_strict(2, quiet_rooms(), false).await;
     let (alice, bob, carol) = (seeded(0), seeded(1), seeded(2));
