@@ -10,7 +10,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
-import { Stack, ARTIFACTS, USERS, LOBBY, GAMING, SLOW, waitFor } from './stack.mjs';
+import { Stack, ARTIFACTS, USERS, LOBBY, GAMING, SLOW, waitFor, watch } from './stack.mjs';
 
 const CHROMIUM = process.env.VR_CHROMIUM || '/usr/bin/chromium';
 const ARGS = ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
@@ -47,24 +47,6 @@ async function player(name, path = '/') {
 
 const voiceItem = (page, user) => page.locator(`[data-testid=voice-list] li[data-user="${user}"]`);
 const idleItem = (page, user) => page.locator(`[data-testid=idle-list] li[data-user="${user}"]`);
-
-/**
- * Arms a watcher in `page` that resolves with the browser's Date.now() when `selector` is
- * present (appear) or absent (disappear). The DOM is checked on every mutation.
- */
-function watch(page, selector, appear) {
-  return page.evaluate(([sel, want]) => new Promise((resolve) => {
-    const check = () => (!!document.querySelector(sel)) === want;
-    if (check()) return resolve({ at: Date.now(), already: true });
-    const obs = new MutationObserver(() => {
-      if (check()) {
-        obs.disconnect();
-        resolve({ at: Date.now(), already: false });
-      }
-    });
-    obs.observe(document.body, { subtree: true, childList: true, attributes: true });
-  }), [selector, appear]);
-}
 
 function stats(xs) {
   const s = [...xs].sort((a, b) => a - b);

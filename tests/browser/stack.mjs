@@ -59,8 +59,51 @@ function bin(name) {
   return join(target, 'debug', name);
 }
 
-export class Stack {
+/**
+ * Arms a watcher in `page` that resolves with the browser's Date.now() when `selector` is
+ * present (appear) or absent (disappear). The DOM is checked on every mutation.
+ */
+export function watch(page, selector, appear) {
+  return page.evaluate(([sel, want]) => new Promise((resolve) => {
+    const check = () => (!!document.querySelector(sel)) === want;
+    if (check()) return resolve({ at: Date.now(), already: true });
+    const obs = new MutationObserver(() => {
+      if (check()) {
+        obs.disconnect();
+        resolve({ at: Date.now(), already: false });
+      }
+    });
+    obs.observe(document.body, { subtree: true, childList: true, attributes: true });
+  }), [selector, appear]);
+}
+
+/** The simulator's control API at `sim` (http://host:port). */
+export class SimClient {
+  constructor(sim) {
+    this.sim = sim;
+  }
+
+  async simPost(path, body) {
+    const res = await fetch(`${this.sim}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    if (!res.ok) throw new Error(`${path}: ${res.status} ${await res.text()}`);
+    return res.json().catch(() => ({}));
+  }
+  voiceConnect(user, channel) {
+    return this.simPost('/_sim/voice/connect', { user_id: user, channel_id: channel });
+  }
+  voiceDisconnect(user) {
+    return this.simPost('/_sim/voice/disconnect', { user_id: user });
+  }
+  async voiceChannelOf(user) {
+    const state = await (await fetch(`${this.sim}/_sim/state`)).json();
+    for (const g of state.guilds) for (const v of g.voice_states || []) if (v.user_id === user) return v.channel_id;
+    return null;
+  }
+}
+
+export class Stack extends SimClient {
   constructor() {
+    super(null);
     this.procs = new Map();
     this.dir = mkdtempSync(join(tmpdir(), 'vr-browser-'));
     this.logs = join(this.dir, 'logs');
@@ -162,24 +205,6 @@ export class Stack {
     await this.stopService('room-manager');
     this.spawn('room-manager', bin('room-manager'), [], { ...this.env, ...extra, VOICEROOMS__HTTP__PORT: String(this.ports['room-manager']) });
     await waitFor('room-manager ready again', () => ok(`http://127.0.0.1:${this.ports['room-manager']}/readyz`), 30000);
-  }
-
-  /** The simulator's control API. */
-  async simPost(path, body) {
-    const res = await fetch(`${this.sim}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
-    if (!res.ok) throw new Error(`${path}: ${res.status} ${await res.text()}`);
-    return res.json().catch(() => ({}));
-  }
-  voiceConnect(user, channel) {
-    return this.simPost('/_sim/voice/connect', { user_id: user, channel_id: channel });
-  }
-  voiceDisconnect(user) {
-    return this.simPost('/_sim/voice/disconnect', { user_id: user });
-  }
-  async voiceChannelOf(user) {
-    const state = await (await fetch(`${this.sim}/_sim/state`)).json();
-    for (const g of state.guilds) for (const v of g.voice_states || []) if (v.user_id === user) return v.channel_id;
-    return null;
   }
 
   async stop() {
