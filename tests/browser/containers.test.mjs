@@ -59,7 +59,10 @@ test('through the published ports: log in with the simulator, create a room, see
   // alice connects to voice in the guild's lobby: room-manager's pending placement moves her into
   // the room's channel, and the page shows her in voice, pushed over the WebSocket.
   const selector = `[data-testid=voice-list] li[data-user="${USERS.alice}"]`;
+  assert.equal(await page.locator(selector).count(), 0, 'alice is not in voice yet');
   const seen = watch(page, selector, true);
+  // Evaluations run in order: once this one answers, the watcher above is armed.
+  await page.evaluate(() => true);
   const t0 = Date.now();
   await sim.voiceConnect(USERS.alice, LOBBY);
   const { at, already } = await seen;

@@ -465,9 +465,9 @@ fn the_dockerfile_builds_any_service_into_a_small_non_root_image() {
     );
     // The official images are the defaults of the base-image build arguments.
     for default in [
-        "${RUST_IMAGE:-rust:",
+        "${RUST_IMAGE:-docker.io/library/rust:",
         "${RUNTIME_IMAGE:-gcr.io/distroless/cc-debian12:nonroot}",
-        "${NATS_IMAGE:-nats:2.10.",
+        "${NATS_IMAGE:-docker.io/library/nats:2.10.",
     ] {
         assert!(dockerfile.contains(default), "{default}");
     }
