@@ -315,3 +315,46 @@ async fn a_bad_token_stops_with_an_alert_and_no_retries() {
     assert_eq!(connects, 1);
     gw.stop_app().await;
 }
+
+/// With `shard_count = "auto"` the pool asks `GET /gateway/bot` for the shard count first; a
+/// refused token there is as fatal as a 4004: an alert, not ready, no connection, no retries.
+#[tokio::test]
+async fn a_bad_token_refused_while_asking_the_shard_count_stops_with_an_alert() {
+    // Arrange
+    let mut gw = prepare(discord_sim::SimConfig::for_tests()).await;
+    let alerts_raw = collect(&gw.client, "ops.alerts.gateway-listener").await;
+
+    // Act
+    gw.start_app(fast_gateway(), "wrong-token").await;
+    wait_until(Duration::from_secs(10), "the fatal-close alert", || async {
+        alerts(&alerts_raw)
+            .iter()
+            .any(|a| a.code == "gateway_fatal_close")
+    })
+    .await;
+
+    // Assert
+    let alert = alerts(&alerts_raw)
+        .into_iter()
+        .find(|a| a.code == "gateway_fatal_close")
+        .unwrap();
+    assert_eq!(alert.severity, Severity::Critical);
+    assert!(alert.message.contains("401"), "{}", alert.message);
+    assert!(!alert.message.contains("wrong-token"));
+    let readyz = format!("http://127.0.0.1:{}/readyz", gw.port);
+    assert_eq!(
+        voicerooms_testkit::conformance::status_of(&readyz).await,
+        Some(503)
+    );
+    let asked =
+        gw.count(|k| matches!(k, SimEventKind::Rest { route, .. } if route == "GET /gateway/bot"));
+    // No retry within 2 s (the retry policy would ask again after 200-400 ms).
+    let retried = wait_for(Duration::from_secs(2), || async {
+        gw.count(|k| matches!(k, SimEventKind::Rest { route, .. } if route == "GET /gateway/bot"))
+            > asked
+    })
+    .await;
+    assert!(!retried, "no retries after a refused token");
+    assert_eq!(gw.count(|k| matches!(k, SimEventKind::Connected { .. })), 0);
+    gw.stop_app().await;
+}
