@@ -7,7 +7,12 @@
 //! target/release/examples/edge_bench fanout --rooms 2500 --clients 10000 --rate 1000 --seconds 20
 //! target/release/examples/edge_bench fanout --rooms 20 --clients 2000 --rate 3000 --seconds 10   # throughput
 //! target/release/examples/edge_bench slow --rooms 5 --clients 50 --rate 1000 --seconds 20
+//! target/release/examples/edge_bench churn --connections 19000 --rounds 6 --settle 10
 //! ```
+//!
+//! `EDGE_BIN` runs another edge binary (e.g. a copy of the previous build, for side-by-side
+//! runs); `LD_PRELOAD`, `MALLOC_CONF`, `_RJEM_MALLOC_CONF`, `MALLOC_ARENA_MAX` and `MIMALLOC_*`
+//! are passed on to the edge (allocator experiments).
 //!
 //! Connections come from several 127.0.0.x source addresses (one source has ~28k ports) and
 //! the open-file limit is raised inside the process (and inherited by the edge).
@@ -52,6 +57,8 @@ struct Args {
     rate: u64,
     seconds: u64,
     workers: usize,
+    rounds: usize,
+    settle: u64,
 }
 
 fn parse_args() -> Args {
@@ -63,6 +70,8 @@ fn parse_args() -> Args {
         rate: 1_000,
         seconds: 10,
         workers: 2,
+        rounds: 6,
+        settle: 10,
     };
     let mut it = std::env::args().skip(1);
     args.mode = it.next().unwrap_or_else(|| usage());
@@ -76,6 +85,8 @@ fn parse_args() -> Args {
             "--rate" => args.rate = n,
             "--seconds" => args.seconds = n,
             "--workers" => args.workers = n as usize,
+            "--rounds" => args.rounds = n as usize,
+            "--settle" => args.settle = n,
             _ => usage(),
         }
     }
@@ -83,7 +94,7 @@ fn parse_args() -> Args {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: bench idle|fanout|slow [--connections N] [--rooms N] [--clients N] [--rate EV/S] [--seconds S] [--workers N]");
+    eprintln!("usage: bench idle|fanout|slow|churn [--connections N] [--rooms N] [--clients N] [--rate EV/S] [--seconds S] [--workers N] [--rounds N] [--settle S]");
     std::process::exit(2)
 }
 
@@ -186,24 +197,40 @@ async fn setup(args: &Args, rooms: usize) -> Bench {
         .unwrap();
     let port = free_port();
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("edge");
-    let edge = ServiceProcess::spawn(
-        bin.to_str().unwrap(),
-        &[
-            ("VOICEROOMS__NATS__URL", nats.url()),
-            ("VOICEROOMS__HTTP__PORT", port.to_string()),
-            ("VOICEROOMS__HTTP__WORKERS", args.workers.to_string()),
-            ("VOICEROOMS__LOG__LEVEL", "warn".into()),
-            ("VOICEROOMS__SESSION__KEY", KEY.into()),
-            (
-                "VOICEROOMS__WEBSOCKET__MAX_CONNECTIONS_PER_USER",
-                "1000000".into(),
-            ),
-            ("VOICEROOMS__WEBSOCKET__MAX_CONNECTIONS", "1000000".into()),
-            ("VOICEROOMS__WEBSOCKET__AUTH_TIMEOUT_MS", "60000".into()),
-            ("VOICEROOMS__NATS__SUBSCRIPTION_CAPACITY", "65536".into()),
-        ],
-    );
+    let bin = std::env::var("EDGE_BIN").unwrap_or_else(|_| {
+        let bin = exe.parent().unwrap().parent().unwrap().join("edge");
+        bin.to_str().unwrap().to_owned()
+    });
+    eprintln!("edge binary: {bin}");
+    let mut env = vec![
+        ("VOICEROOMS__NATS__URL", nats.url()),
+        ("VOICEROOMS__HTTP__PORT", port.to_string()),
+        ("VOICEROOMS__HTTP__WORKERS", args.workers.to_string()),
+        ("VOICEROOMS__LOG__LEVEL", "warn".into()),
+        ("VOICEROOMS__SESSION__KEY", KEY.into()),
+        (
+            "VOICEROOMS__WEBSOCKET__MAX_CONNECTIONS_PER_USER",
+            "1000000".into(),
+        ),
+        ("VOICEROOMS__WEBSOCKET__MAX_CONNECTIONS", "1000000".into()),
+        ("VOICEROOMS__WEBSOCKET__AUTH_TIMEOUT_MS", "60000".into()),
+        ("VOICEROOMS__NATS__SUBSCRIPTION_CAPACITY", "65536".into()),
+    ];
+    for (key, value) in std::env::vars() {
+        if [
+            "LD_PRELOAD",
+            "MALLOC_CONF",
+            "_RJEM_MALLOC_CONF",
+            "MALLOC_ARENA_MAX",
+        ]
+        .contains(&key.as_str())
+            || key.starts_with("MIMALLOC_")
+        {
+            eprintln!("edge environment: {key}={value}");
+            env.push((leak(key), value));
+        }
+    }
+    let edge = ServiceProcess::spawn(&bin, &env);
     let readyz = format!("http://127.0.0.1:{port}/readyz");
     wait_until(Duration::from_secs(30), "edge ready", || async {
         voicerooms_testkit::conformance::status_of(&readyz).await == Some(200)
@@ -216,6 +243,10 @@ async fn setup(args: &Args, rooms: usize) -> Bench {
         js,
         cookie,
     }
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -325,6 +356,101 @@ async fn idle(args: Args) {
         before / 1024,
         after / 1024,
         (after.saturating_sub(before)) as f64 / n.max(1) as f64
+    );
+}
+
+/// Opens `n` authenticated idle connections, 256 at a time; returns them and the failures.
+async fn open_many(bench: &Bench, n: usize, offset: usize) -> (Vec<Ws>, usize) {
+    let failed = Arc::new(AtomicUsize::new(0));
+    let holders = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let limiter = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = limiter.clone().acquire_owned().await.unwrap();
+        let (cookie, port) = (bench.cookie.clone(), bench.port);
+        let (failed, holders) = (failed.clone(), holders.clone());
+        tasks.push(tokio::spawn(async move {
+            match connect(port, &cookie, offset + i).await {
+                Ok(ws) => holders.lock().unwrap().push(ws),
+                Err(e) => {
+                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("connect failed: {e}");
+                    }
+                }
+            }
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let open = std::mem::take(&mut *holders.lock().unwrap());
+    (open, failed.load(Ordering::Relaxed))
+}
+
+/// The edge's open-connections gauge.
+async fn edge_connections(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("voicerooms_edge_connections "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Rounds of opening `connections` idle connections and closing them all: the edge's RSS at
+/// each peak and, `settle` seconds after the last one closed, with none open.
+async fn churn(args: Args) {
+    let bench = setup(&args, 0).await;
+    let pid = bench.edge.pid();
+    let fresh = rss_kib(pid);
+    println!("churn: fresh edge RSS {:.1} MiB", fresh as f64 / 1024.0);
+    let mut rows = Vec::new();
+    for round in 1..=args.rounds {
+        let started = Instant::now();
+        let (open, failed) = open_many(&bench, args.connections, 0).await;
+        let opened = open.len();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let peak = rss_kib(pid);
+        drop(open);
+        wait_until(
+            Duration::from_secs(120),
+            "every connection closed",
+            || async { edge_connections(bench.port).await == Some(0) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+        let idle = rss_kib(pid);
+        println!(
+            "churn round {round}: {opened} open ({failed} failed) in {:.1} s; peak RSS {:.1} MiB ({:.2} KiB per connection over fresh); idle RSS {:.1} MiB {} s after the last close",
+            started.elapsed().as_secs_f64(),
+            peak as f64 / 1024.0,
+            peak.saturating_sub(fresh) as f64 / opened.max(1) as f64,
+            idle as f64 / 1024.0,
+            args.settle,
+        );
+        rows.push((peak, idle));
+    }
+    let (first_peak, first_idle) = rows[0];
+    let (last_peak, last_idle) = rows[rows.len() - 1];
+    let max_idle = rows.iter().map(|r| r.1).max().unwrap_or(0);
+    let max_peak = rows.iter().map(|r| r.0).max().unwrap_or(0);
+    println!(
+        "churn summary: idle RSS fresh {:.1} → round 1 {:.1} → round {} {:.1} MiB (last/first {:+.1} %, worst {:.1} MiB); peak round 1 {:.1} → round {} {:.1} MiB (last/first {:+.1} %, worst {:.1} MiB)",
+        fresh as f64 / 1024.0,
+        first_idle as f64 / 1024.0,
+        rows.len(),
+        last_idle as f64 / 1024.0,
+        100.0 * (last_idle as f64 / first_idle.max(1) as f64 - 1.0),
+        max_idle as f64 / 1024.0,
+        first_peak as f64 / 1024.0,
+        rows.len(),
+        last_peak as f64 / 1024.0,
+        100.0 * (last_peak as f64 / first_peak.max(1) as f64 - 1.0),
+        max_peak as f64 / 1024.0,
     );
 }
 
@@ -589,6 +715,7 @@ fn main() {
             "idle" => idle(args).await,
             "fanout" => fanout(args, true).await,
             "slow" => slow(args).await,
+            "churn" => churn(args).await,
             _ => usage(),
         }
     });

@@ -1,11 +1,11 @@
 //! One WebSocket connection: the upgrade's origin check, authentication, subscriptions,
-//! liveness and its writer.
+//! liveness and its writing — all in one task per connection.
 //!
 //! ```text
-//! reader loop (this task)                        writer task
-//!   frames from the client ──▶ handle ──┐          Inbox ──▶ socket (in order)
-//!   auth deadline, pings, session checks ├─▶ Outbox ─┘   overflow ──▶ close 1008
-//!   room pumps ──────────────────────────┘
+//! the connection's task
+//!   frames from the client ──▶ handle ──┐
+//!   auth deadline, pings, session checks ├─▶ Outbox ──▶ Inbox ──▶ socket (in order)
+//!   room pumps (other tasks) ────────────┘      overflow ──▶ close 1008
 //!   session ended (any edge) ──▶ kick ──▶ close 4003
 //! ```
 //!
@@ -14,12 +14,14 @@
 //! connection (a panic included) can leak one.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use actix_ws::{AggregatedMessage, ProtocolError};
 use bytestring::ByteString;
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -31,7 +33,7 @@ use voicerooms_platform::retry::{Backoff, Jitter};
 
 use crate::hub::{Attached, ConnId, Hub, Since, Subscription};
 use crate::metrics::EdgeMetrics;
-use crate::outbox::{outbox, Inbox, Kick, Out, Outbox, OverflowSignal};
+use crate::outbox::{outbox, reason, Inbox, Kick, Out, Outbox, Wrote};
 use crate::protocol::{self, close, ClientMessage, Epoch};
 use crate::session::{SessionError, SessionStore};
 use crate::WebSocketSettings;
@@ -296,13 +298,6 @@ async fn refuse(mut session: actix_ws::Session, _slot: OpenSlot) {
         .await;
 }
 
-fn reason(code: u16, description: &str) -> CloseReason {
-    CloseReason {
-        code: CloseCode::from(code),
-        description: Some(description.to_owned()),
-    }
-}
-
 /// The close a broken frame earns: 1007 for text that is not UTF-8, 1009 for a frame over the
 /// size limit, 1002 for anything else that breaks the protocol.
 fn protocol_close(error: &ProtocolError) -> (u16, &'static str) {
@@ -341,16 +336,58 @@ struct Connection {
 enum Flow {
     Continue,
     Close(u16, &'static str),
+    /// The outgoing queue overflowed: close with 1008 without sending the backlog.
+    SlowConsumer,
+    /// The socket is gone: nothing more can be sent.
+    Gone,
+}
+
+/// The connection's sending side, driven by its own task: the socket's sink and the queue.
+struct Writer {
+    session: actix_ws::Session,
+    inbox: Inbox,
+}
+
+impl Writer {
+    /// Hands queued frames to the socket (see [`Inbox::poll_write`]), recording each event's
+    /// end-to-end latency.
+    fn poll_write(&mut self, cx: &mut Context<'_>, metrics: &EdgeMetrics) -> Poll<Wrote> {
+        let mut now = None;
+        self.inbox.poll_write(cx, &mut self.session, |received_at| {
+            let now = *now.get_or_insert_with(voicerooms_contract::now_ms);
+            metrics
+                .delivery_latency
+                .observe(now.saturating_sub(received_at) as f64 / 1000.0);
+        })
+    }
+
+    /// Sends what is queued up to and including a queued close; ends when it is handed to the
+    /// socket or the socket is gone.
+    async fn drain(&mut self, metrics: &EdgeMetrics) {
+        loop {
+            match poll_fn(|cx| self.poll_write(cx, metrics)).await {
+                Wrote::Closed | Wrote::Gone => return,
+                // Too late to act on: the connection is closing already.
+                Wrote::Kicked(_) => {}
+                Wrote::Overflowed => {
+                    self.inbox.clear();
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Connection {
-    /// The connection's task: its reader loop (a writer task is spawned beside it).
+    /// The connection's one task: reads client frames, runs its timers and writes its queue
+    /// into the socket.
     ///
     /// Not an `async fn`: the future lives as long as the connection, and an `async fn` keeps its
     /// arguments twice (as arguments and as the locals they are moved into); the block below
     /// captures each once. For the same reason the rarely taken awaits (authentication, session
     /// re-checks, client messages, the end) are boxed: inlined, their largest state would be
-    /// reserved for the whole life of every connection (docs/BENCHMARKS.md, edge).
+    /// reserved for the whole life of every connection (docs/BENCHMARKS.md, edge). One task,
+    /// not a reader and a writer: a task costs about 1 KiB per connection.
     fn run(
         slot: OpenSlot,
         session: actix_ws::Session,
@@ -363,9 +400,7 @@ impl Connection {
             state.metrics.queued_bytes.clone(),
         );
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        let writer = state
-            .tasks
-            .spawn_local(write_loop(session, inbox, state.clone()));
+        let mut writer = Writer { session, inbox };
         let mut conn = Connection {
             id,
             state,
@@ -399,6 +434,14 @@ impl Connection {
 
             while matches!(flow, Flow::Continue) {
                 flow = tokio::select! {
+                    wrote = poll_fn(|cx| writer.poll_write(cx, &conn.state.metrics)) => match wrote {
+                        Wrote::Kicked(kick) => {
+                            conn.send(protocol::error_code(kick.error, kick.message, None));
+                            Flow::Close(kick.code, kick.message)
+                        }
+                        Wrote::Overflowed => Flow::SlowConsumer,
+                        Wrote::Gone | Wrote::Closed => Flow::Gone,
+                    },
                     message = stream.recv() => match message {
                         Some(Ok(message)) => {
                             conn.last_seen = Instant::now();
@@ -410,7 +453,7 @@ impl Connection {
                             let (code, why) = protocol_close(&e);
                             Flow::Close(code, why)
                         }
-                        None => break,
+                        None => Flow::Gone,
                     },
                     () = &mut timer => {
                         let now = Instant::now();
@@ -425,6 +468,8 @@ impl Connection {
                             if conn.last_seen.elapsed() > idle {
                                 flow = Flow::Close(close::IDLE, "no answer to pings");
                             } else {
+                                // An idle connection holds no queue memory between pings.
+                                writer.inbox.trim();
                                 conn.outbox.control(Out::Ping);
                             }
                         }
@@ -436,15 +481,8 @@ impl Connection {
                         }
                         flow
                     },
-                    kick = conn.outbox.kicked() => {
-                        conn.send(protocol::error_code(kick.error, kick.message, None));
-                        Flow::Close(kick.code, kick.message)
-                    },
                     _ = conn.state.shutdown.cancelled() => Flow::Close(close::GOING_AWAY, "server shutting down"),
                 };
-                if conn.outbox.is_closed() {
-                    break;
-                }
                 let mut wake = next_ping.min(next_check);
                 if conn.auth.is_none() {
                     wake = wake.min(auth_deadline);
@@ -453,29 +491,45 @@ impl Connection {
                     timer.as_mut().reset(wake);
                 }
             }
-            if let Flow::Close(code, why) = flow {
-                conn.outbox.control(Out::Close(code, why));
-            }
-            Box::pin(conn.finish(writer)).await;
+            Box::pin(conn.finish(writer, flow)).await;
             drop(slot);
         }
     }
 
-    /// Leaves the rooms and waits (bounded) for the writer to send what is queued.
-    async fn finish(mut self, writer: tokio::task::JoinHandle<()>) {
+    /// Leaves the rooms, then sends (bounded) what is queued and the close the connection
+    /// ended with.
+    async fn finish(mut self, mut writer: Writer, flow: Flow) {
         for (room, _) in std::mem::take(&mut self.rooms) {
             self.state.hub.detach(room, self.id).await;
         }
-        let wait = if self.state.shutdown.is_cancelled() {
-            // Shutdown waits for connections: do not let one slow client hold it.
+        // Shutdown waits for connections: do not let one slow client hold it.
+        let mut wait = if self.state.shutdown.is_cancelled() {
             Duration::from_secs(1)
         } else {
             Duration::from_secs(5)
         };
+        match flow {
+            Flow::Close(code, why) => {
+                self.outbox.control(Out::Close(code, why));
+            }
+            Flow::SlowConsumer => {
+                self.state.metrics.slow_consumer_closes.inc();
+                tracing::info!("closing a slow consumer (outgoing queue over its limit)");
+                // Its backlog is dropped; the close waits for room in the socket, bounded: a
+                // client that never reads again cannot hold this task.
+                writer.inbox.clear();
+                self.outbox.control(Out::Close(
+                    close::SLOW_CONSUMER,
+                    "outgoing queue over its limit; reconnect with since",
+                ));
+                wait = wait.max(Duration::from_secs(10));
+            }
+            Flow::Continue | Flow::Gone => return,
+        }
+        let state = self.state.clone();
         // Gives back the user's slot and the session index entry.
         drop(self);
-        // The writer ends after the close frame, or when the socket is gone.
-        let _ = tokio::time::timeout(wait, writer).await;
+        let _ = tokio::time::timeout(wait, writer.drain(&state.metrics)).await;
     }
 
     fn send(&self, frame: ByteString) {
@@ -706,97 +760,6 @@ impl Connection {
                 }
                 self.send(protocol::error(e.code, &e.message, Some(room)));
             }
-        }
-    }
-}
-
-/// What sending one frame came to.
-enum Sent {
-    Ok,
-    /// The socket is gone.
-    Closed,
-    /// The queue overflowed while we waited on the socket.
-    Overflowed,
-}
-
-async fn send_frame(
-    session: &mut actix_ws::Session,
-    inbox: &Inbox,
-    overflow: &OverflowSignal,
-    frame: ByteString,
-) -> Sent {
-    let len = frame.len();
-    // A client that stops reading blocks this send; the overflow notice unblocks us.
-    let sent = tokio::select! {
-        biased;
-        _ = overflow.wait() => None,
-        r = session.text(frame) => Some(r),
-    };
-    inbox.written(len);
-    match sent {
-        Some(Ok(())) => Sent::Ok,
-        Some(Err(_)) => Sent::Closed,
-        None => Sent::Overflowed,
-    }
-}
-
-/// The writer task. Not an `async fn`, so that its arguments are held once (see
-/// [`Connection::run`]).
-fn write_loop(
-    mut session: actix_ws::Session,
-    mut inbox: Inbox,
-    state: Arc<WsState>,
-) -> impl std::future::Future<Output = ()> {
-    let overflow = inbox.overflow_signal();
-    async move {
-        let metrics = &state.metrics;
-        loop {
-            let out = tokio::select! {
-                biased;
-                _ = overflow.wait() => None,
-                out = inbox.rx.recv() => out,
-            };
-            let Some(out) = out else { break };
-            if inbox.is_overflowed() {
-                break;
-            }
-            let sent = match out {
-                Out::Frame(frame) => send_frame(&mut session, &inbox, &overflow, frame).await,
-                Out::Event(frame, received_at) => {
-                    let sent = send_frame(&mut session, &inbox, &overflow, frame).await;
-                    let now = voicerooms_contract::now_ms();
-                    metrics
-                        .delivery_latency
-                        .observe(now.saturating_sub(received_at) as f64 / 1000.0);
-                    sent
-                }
-                Out::Ping => match session.ping(b"").await {
-                    Ok(()) => Sent::Ok,
-                    Err(_) => Sent::Closed,
-                },
-                Out::Close(code, why) => {
-                    let _ = session.close(Some(reason(code, why))).await;
-                    return;
-                }
-            };
-            match sent {
-                Sent::Ok => {}
-                Sent::Closed => return,
-                Sent::Overflowed => break,
-            }
-        }
-        if inbox.is_overflowed() {
-            metrics.slow_consumer_closes.inc();
-            tracing::info!("closing a slow consumer (outgoing queue over its limit)");
-            // Bounded: a client that never reads again cannot hold this task.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                session.close(Some(reason(
-                    close::SLOW_CONSUMER,
-                    "outgoing queue over its limit; reconnect with since",
-                ))),
-            )
-            .await;
         }
     }
 }
