@@ -13,6 +13,7 @@
 //! target/release/vr-bench --players 100 --rooms 2500 --clients 10000 --rate 1000 --seconds 20
 //! target/release/vr-bench --edges 6 --clients 30000 ...        # several edges behind one NATS
 //! target/release/vr-bench --env edge:TOKIO_WORKER_THREADS=1 ... # a lever, per process
+//! target/release/vr-bench --edge-bin /path/to/previous/edge ...  # side by side
 //! ```
 //!
 //! ## Layout
@@ -76,6 +77,8 @@ struct Args {
     seconds: u64,
     edges: usize,
     bin_dir: Option<PathBuf>,
+    /// Another edge binary (e.g. the previous build's, for side-by-side runs).
+    edge_bin: Option<String>,
     /// (process, key, value): extra environment for one kind of process.
     env: Vec<(String, String, String)>,
     threads: usize,
@@ -84,7 +87,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: vr-bench [--players N] [--rooms N] [--clients N] [--rate CHANGES/S] [--seconds S] \
-         [--edges N] [--bin-dir DIR] [--threads N] [--env PROCESS:KEY=VALUE]...\n\
+         [--edges N] [--bin-dir DIR] [--edge-bin PATH] [--threads N] [--env PROCESS:KEY=VALUE]...\n\
          PROCESS: discord-sim, gateway-listener, room-manager, edge"
     );
     std::process::exit(2)
@@ -99,6 +102,7 @@ fn parse_args() -> Args {
         seconds: 20,
         edges: 1,
         bin_dir: None,
+        edge_bin: None,
         env: Vec::new(),
         threads: 2,
     };
@@ -115,6 +119,7 @@ fn parse_args() -> Args {
             "--edges" => args.edges = n() as usize,
             "--threads" => args.threads = n() as usize,
             "--bin-dir" => args.bin_dir = Some(PathBuf::from(&value)),
+            "--edge-bin" => args.edge_bin = Some(value.clone()),
             "--env" => {
                 let (process, kv) = value.split_once(':').unwrap_or_else(|| usage());
                 let (k, v) = kv.split_once('=').unwrap_or_else(|| usage());
@@ -191,7 +196,6 @@ struct Stack {
     nats: NatsServer,
     sim: ServiceProcess,
     sim_base: String,
-    sim_api: String,
     gateway: ServiceProcess,
     manager: ServiceProcess,
     edges: Vec<(ServiceProcess, u16)>,
@@ -218,6 +222,9 @@ impl Stack {
 }
 
 fn bin(args: &Args, name: &str) -> String {
+    if let (Some(edge), "edge") = (&args.edge_bin, name) {
+        return edge.clone();
+    }
     let dir = args.bin_dir.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .expect("own path")
@@ -402,7 +409,6 @@ async fn start(args: &Args, http: &reqwest::Client) -> anyhow::Result<(Stack, Wo
             nats,
             sim,
             sim_base,
-            sim_api,
             gateway,
             manager,
             edges,
@@ -1089,7 +1095,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" + ")
     );
-    let _ = &stack.sim_api;
     for c in clients {
         c.abort();
     }
