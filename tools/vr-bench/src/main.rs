@@ -133,8 +133,11 @@ fn parse_args() -> Args {
         || args.edges == 0
         || args.rate == 0
         || args.clients < args.rooms
+        || args.rooms > 100 * args.players
     {
-        eprintln!("need players ≥ 2, rooms ≥ 1, edges ≥ 1, rate ≥ 1 and clients ≥ rooms");
+        eprintln!(
+            "need players ≥ 2, rooms ≥ 1 and ≤ 100 per player, edges ≥ 1, rate ≥ 1, clients ≥ rooms"
+        );
         usage();
     }
     args
@@ -347,7 +350,11 @@ async fn start(args: &Args, http: &reqwest::Client) -> anyhow::Result<(Stack, Wo
     env.extend([
         ("VOICEROOMS__INVITES__SECRET", INVITE_SECRET.to_owned()),
         ("VOICEROOMS__ROOMS__GUILDS", guild_list),
-        ("VOICEROOMS__ROOMS__MAX_PER_USER", args.rooms.to_string()),
+        // Each player owns rooms / players rooms (room-manager allows at most 100).
+        (
+            "VOICEROOMS__ROOMS__MAX_PER_USER",
+            args.rooms.div_ceil(args.players).to_string(),
+        ),
         // Rooms whose channel is empty are closed after this: none during a run.
         ("VOICEROOMS__ROOMS__IDLE_TIMEOUT_MS", "86400000".to_owned()),
         (
