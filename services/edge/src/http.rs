@@ -113,9 +113,13 @@ impl ResponseError for HttpError {
 /// `Sec-Fetch-Site`) must name one of ours. The session cookie is also `SameSite=Lax`.
 pub fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), HttpError> {
     let headers = req.headers();
-    if let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) {
-        if allowed.iter().any(|a| a == origin) || same_host(req, origin) {
-            return Ok(());
+    if let Some(origin) = headers.get("origin") {
+        // An Origin that is not visible ASCII (no browser sends one) is refused like a foreign
+        // one, never treated as missing (which would let `Sec-Fetch-Site` decide).
+        if let Ok(origin) = origin.to_str() {
+            if allowed.iter().any(|a| a == origin) || same_host(req, origin) {
+                return Ok(());
+            }
         }
         return Err(HttpError::forbidden("csrf", "cross-site request refused"));
     }
