@@ -178,8 +178,10 @@ async fn a_nats_restart_under_2500_rooms_repairs_every_room_within_the_api_budge
     // any second leave it). On the way to the server, scheduling on a loaded machine bunches some
     // of them (a request can wait in the client's queue past its timeout, so even the
     // `CONCURRENCY` in-flight limit does not bound that): a single second at the server gets a
-    // 20 % allowance; over five seconds the bunching averages out.
-    let second = (RATE + RATE / 5) as usize;
+    // 50 % allowance (20 % was exceeded twice in four runs while the machine also ran release
+    // builds; unpaced, the old code put 4,191 in one second); over five seconds the bunching
+    // averages out and the bound stays tight.
+    let second = (RATE + RATE / 2) as usize;
     assert!(
         one <= second,
         "{one} API requests in one second (bound {second})"
