@@ -486,8 +486,8 @@ async fn sigterm_in_the_middle_of_a_create_answers_it_frees_the_slot_and_exits_w
     assert_eq!(p.name, running_on);
     let t = Instant::now();
     p.process.terminate();
-    // Sent right after the signal, like the edge and a real client would: a request that gets no
-    // answer is repeated with the same idempotency key. async-nats removes a subscription locally
+    // Sent right after the signal, as a careful client would: a request that gets no answer is
+    // repeated with the same idempotency key. async-nats removes a subscription locally
     // as soon as its UNSUB is written (its `drain` too, without waiting for the server's PONG),
     // so a command the server routed to the stopping replica in that instant is dropped and its
     // requester times out (seen in CI); the retry is then answered by the other replica, and the
@@ -727,8 +727,8 @@ async fn events_left_in_the_outbox_by_killed_replicas_are_published_by_another_o
 }
 
 /// Commands sent in a steady stream (64 at a time) while one of two replicas gets SIGTERM: every
-/// one is answered, at most after one retry of a request that got no answer, as the edge's
-/// clients do. A command the server routed to the stopping replica in the instant its
+/// one is answered, at most after one retry of a request that got no answer (the edge answers
+/// such a request `timeout`, retryable). A command the server routed to the stopping replica in the instant its
 /// subscription was removed is dropped (async-nats removes it locally as soon as the UNSUB is
 /// written; 0-41 of ~850 in runs here, also with its `drain`); the test reports how many.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
