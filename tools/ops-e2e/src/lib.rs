@@ -167,25 +167,80 @@ impl NatsCluster {
     }
 
     /// Creates (or opens) the replicated `ROOMS` stream, retrying while the fresh cluster is still
-    /// electing its JetStream meta leader or waiting for enough peers to report JetStream ready:
-    /// that took over 30 s on a loaded 2-core machine, so the deadline is 90 s. Panics with the
-    /// last error (the create's cause, see `ensure_rooms_stream`) past it.
+    /// electing its JetStream meta leader or waiting for enough peers to report JetStream ready.
+    /// A cluster whose meta leader keeps answering "no suitable peers for placement" for 20 s
+    /// (seen on this CI machine inside the full suite, never when the test ran alone; cause not
+    /// found) is restarted from empty stores on the same ports, at most twice, with every node's
+    /// log printed first. Panics with the last error and the logs past that.
     pub async fn create_rooms_stream(
-        &self,
+        &mut self,
         js: &async_nats::jetstream::Context,
         settings: &voicerooms_platform::settings::NatsSettings,
     ) -> async_nats::jetstream::stream::Stream {
-        let started = Instant::now();
+        let mut fresh_starts = 0u32;
+        let mut started = Instant::now();
         loop {
             match voicerooms_platform::nats::ensure_rooms_stream(js, settings).await {
                 Ok(stream) => return stream,
-                Err(e) if started.elapsed() < Duration::from_secs(90) => {
+                Err(e) if started.elapsed() < Duration::from_secs(20) => {
                     eprintln!("creating ROOMS R{}: {e:#}; retrying", settings.replicas);
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                Err(e) => panic!("creating ROOMS R{}: {e:#}", settings.replicas),
+                Err(e) if fresh_starts < 2 => {
+                    fresh_starts = fresh_starts.saturating_add(1);
+                    eprintln!(
+                        "creating ROOMS R{}: {e:#} for 20 s; restarting the cluster from empty \
+                         stores ({fresh_starts} of 2). Node logs:\n{}",
+                        settings.replicas,
+                        self.log_tails(60)
+                    );
+                    self.restart_empty().await;
+                    started = Instant::now();
+                }
+                Err(e) => panic!(
+                    "creating ROOMS R{}: {e:#}\n{}",
+                    settings.replicas,
+                    self.log_tails(60)
+                ),
             }
         }
+    }
+
+    /// Kills every node, empties its store and starts it again on its ports.
+    async fn restart_empty(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        for i in 0..self.nodes.len() {
+            let store = self.dir.path().join(&self.node(i).name);
+            let _ = std::fs::remove_dir_all(&store);
+            self.spawn(i);
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_ready(i).await;
+        }
+    }
+
+    /// The last `lines` lines of every node's log (for a failure message).
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let path = self.dir.path().join(format!("{}.log", node.name));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all
+                    .get(all.len().saturating_sub(lines)..)
+                    .unwrap_or_default();
+                format!(
+                    "--- {} ({}) ---\n{}",
+                    node.name,
+                    path.display(),
+                    tail.join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Every node's URL, comma separated (what services get in `VOICEROOMS__NATS__URL`).
