@@ -32,6 +32,9 @@ pub struct GatewayConfig {
     pub publish_buffer: usize,
     /// How long one JetStream publish waits for its acknowledgement before it is retried (ms).
     pub publish_timeout_ms: u64,
+    /// Events unacknowledged at once per shard (never two of one room or one user; 1 publishes
+    /// one at a time). At most [`MAX_PUBLISH_IN_FLIGHT`].
+    pub publish_in_flight: usize,
     /// Largest gateway payload accepted (bytes); larger frames are rejected and logged.
     pub max_frame_bytes: usize,
     /// JetStream KV bucket holding the shard leases and session checkpoints.
@@ -48,6 +51,10 @@ pub struct GatewayConfig {
     pub status_interval_ms: u64,
 }
 
+/// Upper bound of `gateway.publish_in_flight` (below the NATS client's own limit of pending
+/// acknowledgements, 5,000).
+pub const MAX_PUBLISH_IN_FLIGHT: usize = 4096;
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -60,6 +67,7 @@ impl Default for GatewayConfig {
             connect_timeout_ms: 10_000,
             publish_buffer: 10_000,
             publish_timeout_ms: 2_000,
+            publish_in_flight: 64,
             max_frame_bytes: 16 << 20,
             lease_bucket: "gateway_leases".into(),
             lease_ttl_ms: 6_000,
@@ -187,6 +195,12 @@ impl GatewayConfig {
             return Err(SettingsError::invalid(
                 "gateway.publish_timeout_ms",
                 "must be > 0",
+            ));
+        }
+        if self.publish_in_flight == 0 || self.publish_in_flight > MAX_PUBLISH_IN_FLIGHT {
+            return Err(SettingsError::invalid(
+                "gateway.publish_in_flight",
+                "must be between 1 and 4096",
             ));
         }
         if self.max_frame_bytes < 4096 {

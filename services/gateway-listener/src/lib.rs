@@ -29,7 +29,8 @@
 //! - [`discord`]: serenity model types → our voice updates and channel changes.
 //! - [`cache`]: the voice-state cache and the convergence diff (pure, unit tested).
 //! - [`connection`]: the connection loop and its state machine, status and alerts.
-//! - [`publisher`]: ordered (one event at a time), retried JetStream publishing and the checkpoint.
+//! - [`publisher`]: pipelined JetStream publishing, ordered per room and per user, retried, and
+//!   the checkpoint.
 //! - [`lease`]: the shard lease and checkpoint in JetStream KV.
 //! - [`pool`]: the shard pool's balance, members and shard count.
 //! - [`takeover`]: a new holder's starting point (checkpoint + stream; a new shard count's first
@@ -744,6 +745,7 @@ impl Slot {
             shadow.clone(),
             self.report.metrics.clone(),
             publisher_stop.clone(),
+            self.config.publish_in_flight,
         ));
         let term = stop.child_token();
         let renewer = self.tasks.spawn(renew(

@@ -83,9 +83,14 @@ pub async fn restore(
         return Ok(restored);
     }
     let tail = read_tail(js, c.stream_seq, stream_end).await?;
+    let lost = lost_before_stored(&tail, restored.session.as_ref(), c.seq);
     let mut last_seq: Option<u64> = None;
     let mut foreign_session = false;
-    for e in tail.iter().filter(|e| shard_of(e.guild, count) == shard) {
+    for e in tail
+        .iter()
+        .map(|t| &t.event)
+        .filter(|e| shard_of(e.guild, count) == shard)
+    {
         restored.cache.apply_published(e.guild, e.room, &e.event);
         restored.replayed = restored.replayed.saturating_add(1);
         let ours = restored.session.as_ref().map(|s| s.session_id.as_str());
@@ -100,6 +105,18 @@ pub async fn restore(
         // Events of a session the checkpoint does not name (the holder identified anew and
         // died before checkpointing it): we cannot resume it, and must not resume the older one.
         tracing::warn!("stored events of a session the checkpoint does not name; identifying");
+        restored.session = None;
+    }
+    if let Some(missing) = lost {
+        // A publish of this session was lost while later ones were stored (the previous holder
+        // died before its retry succeeded). Resuming after the last stored dispatch would skip
+        // it; resuming before it would re-drive dispatches against a cache that already holds
+        // later ones. Converging a new session against what was stored publishes exactly the
+        // difference.
+        tracing::warn!(
+            missing = %missing,
+            "an event sent before stored ones is not in the stream; identifying to converge"
+        );
         restored.session = None;
     }
     if let Some(last) = last_seq {
@@ -188,7 +205,7 @@ pub async fn restore_resharded(
         .unwrap_or(stream_end);
     let mut replayed = 0usize;
     if from < stream_end {
-        for e in read_tail(js, from, stream_end).await? {
+        for Stored { event: e, .. } in read_tail(js, from, stream_end).await? {
             if !ours(e.guild) {
                 continue;
             }
@@ -225,14 +242,47 @@ async fn stream_end(js: &jetstream::Context) -> anyhow::Result<u64> {
     Ok(stream.info().await?.state.last_sequence)
 }
 
+/// A stored event and the event its publisher had sent just before it while that one was
+/// unacknowledged ([`crate::publisher::AFTER_HEADER`]).
+#[derive(Debug)]
+pub struct Stored {
+    pub event: RoomEvent,
+    pub after: Option<String>,
+}
+
+/// The first event of `session` that a stored event names as sent before it and that is not in
+/// `tail`: a publish lost in an outage while later ones were stored. Only events of dispatches
+/// after the checkpoint's `checkpoint_seq` count — the checkpoint holds every earlier one (and
+/// every event of a later dispatch is stored after the checkpoint's stream position, so a
+/// stored one is in `tail`).
+pub fn lost_before_stored(
+    tail: &[Stored],
+    session: Option<&SessionInfo>,
+    checkpoint_seq: u64,
+) -> Option<String> {
+    let ours = session.map(|s| s.session_id.as_str())?;
+    let ids: std::collections::HashSet<&str> =
+        tail.iter().filter_map(|t| t.event.id.as_deref()).collect();
+    tail.iter()
+        .filter(|t| {
+            t.event
+                .id
+                .as_deref()
+                .and_then(session_and_seq)
+                .is_some_and(|(s, _)| s == ours)
+        })
+        .filter_map(|t| t.after.as_deref())
+        .find(|after| {
+            session_and_seq(after).is_some_and(|(s, seq)| s == ours && seq > checkpoint_seq)
+                && !ids.contains(after)
+        })
+        .map(str::to_owned)
+}
+
 /// Voice events stored after `after` up to `end`, in order. Reads every message in between
 /// (a filtered read cannot tell where its last match is without a pending count that
 /// nats-server 2.9 does not report reliably) and keeps the voice events.
-async fn read_tail(
-    js: &jetstream::Context,
-    after: u64,
-    end: u64,
-) -> anyhow::Result<Vec<RoomEvent>> {
+async fn read_tail(js: &jetstream::Context, after: u64, end: u64) -> anyhow::Result<Vec<Stored>> {
     let stream = js.get_stream(ROOMS_STREAM).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
@@ -261,7 +311,12 @@ async fn read_tail(
             match RoomEvent::decode_on(&next.subject, &next.payload) {
                 Ok(mut e) => {
                     e.seq = Some(seq);
-                    out.push(e)
+                    let after = next
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(crate::publisher::AFTER_HEADER))
+                        .map(|v| v.as_str().to_owned());
+                    out.push(Stored { event: e, after })
                 }
                 Err(e) => tracing::warn!(error = %e, seq, "skipping an undecodable stored event"),
             }
@@ -285,6 +340,57 @@ mod tests {
         assert_eq!(session_and_seq("abc:x:voice.left-1-2"), None);
         assert_eq!(session_and_seq("abc:42"), None);
         assert_eq!(session_and_seq(""), None);
+    }
+
+    fn stored(id: &str, after: Option<&str>) -> Stored {
+        use voicerooms_contract::event::{Event, UserRef, VoiceLeft};
+        let guild = GuildId::new(1 << 22).unwrap();
+        let room = voicerooms_contract::RoomId::new(7).unwrap();
+        let user = UserRef {
+            id: voicerooms_contract::UserId::new(9).unwrap(),
+            username: "u".into(),
+            global_name: None,
+            avatar: None,
+        };
+        let mut event = RoomEvent::new(
+            guild,
+            room,
+            1,
+            Event::VoiceLeft(VoiceLeft {
+                user,
+                moved_to: None,
+            }),
+        );
+        event.id = Some(id.to_owned());
+        Stored {
+            event,
+            after: after.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_stored_event_naming_a_missing_one_of_a_later_dispatch_reveals_a_lost_publish() {
+        let session = SessionInfo {
+            session_id: "s".into(),
+            resume_url: String::new(),
+        };
+        // 11 stored, then 12 (sent after 11 while it was unacknowledged): no hole.
+        let whole = [stored("s:11:a", None), stored("s:12:b", Some("s:11:a"))];
+        assert_eq!(lost_before_stored(&whole, Some(&session), 10), None);
+        // 13 stored, naming 12, which is not in the stream: lost.
+        let hole = [stored("s:11:a", None), stored("s:13:c", Some("s:12:b"))];
+        assert_eq!(
+            lost_before_stored(&hole, Some(&session), 10).as_deref(),
+            Some("s:12:b")
+        );
+        // The named event belongs to a dispatch the checkpoint holds: not a hole.
+        assert_eq!(lost_before_stored(&hole, Some(&session), 12), None);
+        // Another session's events and headers are not ours to judge.
+        let other = [stored("t:13:c", Some("t:12:b"))];
+        assert_eq!(lost_before_stored(&other, Some(&session), 10), None);
+        let named_other = [stored("s:13:c", Some("t:12:b"))];
+        assert_eq!(lost_before_stored(&named_other, Some(&session), 10), None);
+        assert_eq!(lost_before_stored(&hole, None, 10), None);
     }
 
     #[test]

@@ -368,13 +368,24 @@ pub fn id_parts(e: &RoomEvent) -> (String, u64, String) {
     (session, seq, part)
 }
 
-/// Stored order = dispatch order: within a session the gateway sequence never goes back along
-/// the stream (the events of one dispatch are stored together); once a later session has
-/// started, an earlier one never reappears; no id twice. Returns the first violation.
+/// Stored order = dispatch order **for every room and every user** — what consumers apply
+/// events by (the edge and room-manager per room, the voice cache per user): along the stream,
+/// the events of one room, and those of one user, never go back to an earlier dispatch of their
+/// session, and once a later session has reached that room or user an earlier one never
+/// reappears there; no id twice. Events of unrelated rooms and users may be stored out of
+/// dispatch order after a publish failure (the publisher's window, docs/GATEWAY.md). Returns
+/// the first violation.
 pub fn dispatch_order_violation(events: &[RoomEvent]) -> Option<String> {
-    let mut seen_ids = std::collections::HashSet::new();
-    let mut finished: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut current: Option<(String, u64, u64)> = None;
+    use std::collections::{HashMap, HashSet};
+    #[derive(Hash, PartialEq, Eq, Debug, Clone)]
+    enum Key {
+        Room(u64, u64),
+        User(u64, u64),
+    }
+    let mut seen_ids = HashSet::new();
+    // Per key: the current (session, seq, stream seq) and the sessions it has finished with.
+    let mut current: HashMap<Key, (String, u64, u64)> = HashMap::new();
+    let mut finished: HashMap<Key, HashSet<String>> = HashMap::new();
     for e in events.iter().filter(|e| e.id.is_some()) {
         let id = e.id.clone().unwrap_or_default();
         if !seen_ids.insert(id.clone()) {
@@ -382,24 +393,31 @@ pub fn dispatch_order_violation(events: &[RoomEvent]) -> Option<String> {
         }
         let (session, seq, _) = id_parts(e);
         let stream_seq = e.seq.unwrap_or(0);
-        match &current {
-            Some((s, prev_seq, prev_stream)) if *s == session && seq < *prev_seq => {
-                return Some(format!(
-                    "dispatch {seq} (stream seq {stream_seq}) stored after dispatch {prev_seq} (stream seq {prev_stream}) of session {session}"
-                ));
-            }
-            Some((s, ..)) if *s == session => {}
-            Some((s, ..)) => {
-                if finished.contains(&session) {
+        let mut keys = vec![Key::Room(e.guild.get(), e.room.get())];
+        if let Some(u) = e.event.user() {
+            keys.push(Key::User(e.guild.get(), u.id.get()));
+        }
+        for key in keys {
+            match current.get(&key) {
+                Some((s, prev_seq, prev_stream)) if *s == session && seq < *prev_seq => {
                     return Some(format!(
-                        "session {session} reappears at stream seq {stream_seq} after session {s}"
+                        "{key:?}: dispatch {seq} (stream seq {stream_seq}) stored after dispatch {prev_seq} (stream seq {prev_stream}) of session {session}"
                     ));
                 }
-                finished.insert(s.clone());
+                Some((s, ..)) if *s == session => {}
+                Some((s, ..)) => {
+                    let done = finished.entry(key.clone()).or_default();
+                    if done.contains(&session) {
+                        return Some(format!(
+                            "{key:?}: session {session} reappears at stream seq {stream_seq} after session {s}"
+                        ));
+                    }
+                    done.insert(s.clone());
+                }
+                None => {}
             }
-            None => {}
+            current.insert(key, (session.clone(), seq, stream_seq));
         }
-        current = Some((session, seq, stream_seq));
     }
     None
 }
