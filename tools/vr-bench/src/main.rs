@@ -14,7 +14,34 @@
 //! target/release/vr-bench --edges 6 --clients 30000 ...        # several edges behind one NATS
 //! target/release/vr-bench --env edge:TOKIO_WORKER_THREADS=1 ... # a lever, per process
 //! target/release/vr-bench --edge-bin /path/to/previous/edge ...  # side by side
+//! target/release/vr-bench --players 100000 --rooms 25000 --clients 100000 --edges 6 --rate 1000 --seconds 60
 //! ```
+//!
+//! ## Client processes
+//! A process here may hold at most 20,000 sockets (the hard `RLIMIT_NOFILE`; every process
+//! raises its soft limit to it). Up to 17,000 clients live in this process; above that (or with
+//! `--workers N`) they are split over N worker processes, this binary re-executed as
+//! `vr-bench worker`. The coordination is JSON lines over the worker's stdin and stdout:
+//! - parent → worker: the plan (`{"clients": [[index, edge port, room index, room id, cookie],
+//!   ...], "max_frames": N}`), then `start`, `count`, `stop`, `exit`;
+//! - worker → parent: `{"ready": n, "failed": [index...], "secs": s}` once every client
+//!   subscribed or failed, `{"started": true}`, `{"count": frames}`, then after `stop` its frames
+//!   in chunks (`{"frames": [[client, seq, code, read µs, read wall µs, received_at, ts], ...]}`)
+//!   and `{"done": true, "closed": n, "dropped": n}`.
+//!
+//! Clients only record the frames they read; the parent matches them against its log of changes
+//! afterwards (the same matching in both modes). In this process the latency is on the monotonic
+//! clock; across processes it is on the wall clock (one machine, one clock). Client *i* binds
+//! its socket to source address 127.0.0.(1 + i mod 16) and connects to edge *i* mod N, so a
+//! room's members are spread over the edges as a load balancer would spread them.
+//!
+//! ## Layout of the world
+//! With a player per client (`--players` ≥ clients), each player is in one room: room *r* is
+//! players *r·k* … *r·k + k − 1*; with fewer players, room *r* is owned by player *r* mod P and
+//! joined by the next players (capacity: 4 members). Every member has one client subscribed to
+//! the room. Each player is a member of the guilds of
+//! its rooms only. The edges' per-user connection limit is raised through their environment only
+//! when a player has more clients than its default (20), e.g. 100 players over 2,500 rooms.
 //!
 //! ## Layout
 //! - [`Stack`]: the processes (binaries from `--bin-dir`, default: next to this one).
@@ -43,23 +70,24 @@
     clippy::unreachable
 )]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use voicerooms_contract::command::{decode_reply, CreateRoom, Created, JoinRoom, Joined};
 use voicerooms_contract::subject::CommandKind;
 use voicerooms_contract::{GuildId, UserId, UserRef};
-use voicerooms_testkit::{free_port, wait_until, NatsServer, ServiceProcess};
+use voicerooms_testkit::{free_port, NatsServer, ServiceProcess};
 
 const SESSION_KEY: &str = "vr-bench-session-key-0123456789abcdef0123456789";
 const INVITE_SECRET: &str = "vr-bench-invite-secret-0123456789abcdef";
@@ -68,6 +96,10 @@ const SIM_CLIENT_SECRET: &str = "sim-client-secret";
 const SIM_BOT_TOKEN: &str = "sim-bot-token";
 /// Rooms per guild: each room is a role, and a guild holds at most 250 roles.
 const ROOMS_PER_GUILD: usize = 200;
+/// Most clients one process holds (a process may hold 20,000 sockets here).
+const PER_PROCESS: usize = 17_000;
+/// The edge's default `websocket.max_connections_per_user`.
+const EDGE_PER_USER_DEFAULT: usize = 20;
 
 struct Args {
     players: usize,
@@ -82,12 +114,15 @@ struct Args {
     /// (process, key, value): extra environment for one kind of process.
     env: Vec<(String, String, String)>,
     threads: usize,
+    /// Client processes (0: the clients live in this process).
+    workers: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: vr-bench [--players N] [--rooms N] [--clients N] [--rate CHANGES/S] [--seconds S] \
-         [--edges N] [--bin-dir DIR] [--edge-bin PATH] [--threads N] [--env PROCESS:KEY=VALUE]...\n\
+         [--edges N] [--workers N] [--bin-dir DIR] [--edge-bin PATH] [--threads N] \
+         [--env PROCESS:KEY=VALUE]...\n\
          PROCESS: discord-sim, gateway-listener, room-manager, edge"
     );
     std::process::exit(2)
@@ -105,6 +140,7 @@ fn parse_args() -> Args {
         edge_bin: None,
         env: Vec::new(),
         threads: 2,
+        workers: usize::MAX,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -118,6 +154,7 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = n(),
             "--edges" => args.edges = n() as usize,
             "--threads" => args.threads = n() as usize,
+            "--workers" => args.workers = n() as usize,
             "--bin-dir" => args.bin_dir = Some(PathBuf::from(&value)),
             "--edge-bin" => args.edge_bin = Some(value.clone()),
             "--env" => {
@@ -140,7 +177,55 @@ fn parse_args() -> Args {
         );
         usage();
     }
+    if args.workers == usize::MAX {
+        args.workers = if args.clients <= PER_PROCESS {
+            0
+        } else {
+            args.clients.div_ceil(PER_PROCESS)
+        };
+    }
+    if args.workers == 0 && args.clients > PER_PROCESS
+        || args.workers > 0 && args.clients.div_ceil(args.workers) > PER_PROCESS
+    {
+        eprintln!("at most {PER_PROCESS} clients per process: raise --workers");
+        usage();
+    }
     args
+}
+
+/// Raises the soft open-file limit to the hard one (children inherit it); returns the limit.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            return soft;
+        }
+        return hard;
+    }
+    0
+}
+
+/// Room `r`'s members (player indices). With a player for every client, each player is in one
+/// room (players `r·k` to `r·k + k − 1`); with fewer, room `r` is owned by player `r mod P` and
+/// joined by the next players.
+fn members_of(args: &Args, r: usize) -> Vec<usize> {
+    let per_room = args.clients / args.rooms;
+    if args.players >= args.rooms * per_room {
+        return (0..per_room).map(|j| r * per_room + j).collect();
+    }
+    let owner = r % args.players;
+    (0..per_room).map(|j| (owner + j) % args.players).collect()
+}
+
+/// The most clients one player has (one per room it is a member of).
+fn clients_per_player(args: &Args) -> usize {
+    let mut count = vec![0usize; args.players];
+    for r in 0..args.rooms {
+        for p in members_of(args, r) {
+            count[p] += 1;
+        }
+    }
+    count.into_iter().max().unwrap_or(0)
 }
 
 fn wall_us() -> u64 {
@@ -364,6 +449,7 @@ async fn start(args: &Args, http: &reqwest::Client) -> anyhow::Result<(Stack, Wo
     ]);
     let manager = spawn(args, "room-manager", with_extra(args, "room-manager", env));
     let mut edges = Vec::new();
+    let per_user = clients_per_player(args);
     for i in 0..args.edges {
         let port = free_port();
         let mut env = common(port, &format!("edge-{i}"));
@@ -392,18 +478,17 @@ async fn start(args: &Args, http: &reqwest::Client) -> anyhow::Result<(Stack, Wo
                 format!("http://127.0.0.1:{port}/auth/callback"),
             ),
             (
-                "VOICEROOMS__WEBSOCKET__MAX_CONNECTIONS_PER_USER",
-                "1000000".to_owned(),
-            ),
-            (
-                "VOICEROOMS__WEBSOCKET__MAX_CONNECTIONS",
-                "1000000".to_owned(),
-            ),
-            (
                 "VOICEROOMS__NATS__SUBSCRIPTION_CAPACITY",
                 "65536".to_owned(),
             ),
         ]);
+        // Only when a player has more clients than the default allows (many rooms per player).
+        if per_user > EDGE_PER_USER_DEFAULT {
+            env.push((
+                "VOICEROOMS__WEBSOCKET__MAX_CONNECTIONS_PER_USER",
+                per_user.to_string(),
+            ));
+        }
         edges.push((spawn(args, "edge", with_extra(args, "edge", env)), port));
     }
     ready(gateway_port, "gateway-listener", &gateway).await;
@@ -462,17 +547,29 @@ impl World {
             .await?;
             guilds.push(id_of(&v)?);
         }
-        let mut players = Vec::new();
-        for p in 0..args.players {
-            let name = format!("player{p}");
-            let v = sim_post(
-                http,
-                format!("{sim}/_sim/users"),
-                json!({"username": name, "guilds": guilds}),
-            )
-            .await?;
-            players.push((id_of(&v)?, name));
+        // Each player is a member of the guilds of its rooms.
+        let mut member_of: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); args.players];
+        for r in 0..args.rooms {
+            for p in members_of(args, r) {
+                member_of[p].insert(guilds[r / ROOMS_PER_GUILD]);
+            }
         }
+        let players = futures::stream::iter(member_of.into_iter().enumerate())
+            .map(|(p, in_guilds)| async move {
+                let name = format!("player{p}");
+                let v = sim_post(
+                    http,
+                    format!("{sim}/_sim/users"),
+                    json!({"username": name, "guilds": in_guilds}),
+                )
+                .await?;
+                anyhow::Ok((id_of(&v)?, name))
+            })
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let actors = futures::stream::iter(0..args.rooms)
             .map(|r| {
                 let guild = guilds[r / ROOMS_PER_GUILD];
@@ -578,41 +675,39 @@ struct Room {
     members: Vec<usize>,
 }
 
-/// The changes made in one room: (flag code, monotonic send time, wall µs).
+/// The changes made in one room: (flag code, send time in µs since [`Recorder::epoch`] on the
+/// monotonic clock, wall µs).
 #[derive(Default)]
 struct RoomLog {
-    changes: Vec<(u8, Instant, u64)>,
+    changes: Vec<(u8, u64, u64)>,
 }
 
-/// Everything the clients and the live observer record.
+/// The parent's record of the load: every change made, and the live republish's timings.
 struct Recorder {
+    epoch: Instant,
     logs: Vec<Mutex<RoomLog>>,
     index: HashMap<u64, usize>,
-    samples: Mutex<Vec<u64>>,
-    delivered: AtomicU64,
-    lost: AtomicU64,
-    reordered: AtomicU64,
-    /// Sums in µs and counts of the split: request → gateway, gateway → edge frame, edge
-    /// frame → client read (ms clocks), request → live republish (monotonic).
-    to_gateway: Mutex<(i128, u64)>,
-    gateway_to_edge: Mutex<(i128, u64)>,
-    edge_to_client: Mutex<(i128, u64)>,
+    /// Sum in µs and count of request → live republish (monotonic).
     to_live: Mutex<(i128, u64)>,
-    recording: std::sync::atomic::AtomicBool,
+    recording: AtomicBool,
 }
 
-fn add(sum: &Mutex<(i128, u64)>, v: i128) {
-    let mut s = sum.lock().unwrap();
-    s.0 += v;
-    s.1 += 1;
+impl Recorder {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
 }
 
-fn mean_ms(sum: &Mutex<(i128, u64)>) -> f64 {
-    let s = sum.lock().unwrap();
-    if s.1 == 0 {
+fn add(sum: &mut (i128, u64), v: i128) {
+    sum.0 += v;
+    sum.1 += 1;
+}
+
+fn mean_ms(sum: &(i128, u64)) -> f64 {
+    if sum.1 == 0 {
         f64::NAN
     } else {
-        s.0 as f64 / s.1 as f64 / 1000.0
+        sum.0 as f64 / sum.1 as f64 / 1000.0
     }
 }
 
@@ -636,27 +731,6 @@ fn code_of(flags: &Value) -> u8 {
         }
     };
     bit("self_mute", 0) | bit("self_video", 1) | bit("self_stream", 2) | bit("mute", 3)
-}
-
-/// Where a reader is in one room's changes.
-struct Cursor {
-    next: usize,
-}
-
-impl Recorder {
-    /// Matches a received change of `room` with flags `code` against the room's log; returns the
-    /// change's send times. Frames skipped over are lost; a code not found ahead is reordered.
-    fn matched(&self, room: usize, cursor: &mut Cursor, code: u8) -> Option<(Instant, u64)> {
-        let log = self.logs[room].lock().unwrap();
-        let ahead = log.changes.get(cursor.next..)?;
-        let found = ahead.iter().position(|c| c.0 == code)?;
-        if found > 0 {
-            self.lost.fetch_add(found as u64, Ordering::Relaxed);
-        }
-        let (_, at, wall) = ahead[found];
-        cursor.next += found + 1;
-        Some((at, wall))
-    }
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -700,45 +774,416 @@ async fn subscribe(ws: &mut Ws, room: u64) -> anyhow::Result<()> {
     }
 }
 
-/// A client: reads its room's frames and records each `voice.updated` of the load.
-async fn read_frames(mut ws: Ws, room: usize, recorder: Arc<Recorder>) {
-    let mut cursor = Cursor { next: 0 };
-    let mut last_seq = 0u64;
+/// A `voice.updated` frame as a client read it.
+#[derive(Clone, Copy)]
+struct Frame {
+    client: u32,
+    seq: u64,
+    code: u8,
+    /// Read time in µs: monotonic since the parent's epoch in the parent, the wall clock in a
+    /// worker.
+    read_us: u64,
+    read_wall_us: u64,
+    /// The gateway's receipt and the edge's frame stamp (millisecond wall clocks).
+    received_at: i64,
+    ts: i64,
+}
+
+impl Frame {
+    fn to_json(self) -> Value {
+        json!([
+            self.client,
+            self.seq,
+            self.code,
+            self.read_us,
+            self.read_wall_us,
+            self.received_at,
+            self.ts
+        ])
+    }
+
+    fn from_json(v: &Value) -> Option<Frame> {
+        let a = v.as_array()?;
+        Some(Frame {
+            client: u32::try_from(a.first()?.as_u64()?).ok()?,
+            seq: a.get(1)?.as_u64()?,
+            code: u8::try_from(a.get(2)?.as_u64()?).ok()?,
+            read_us: a.get(3)?.as_u64()?,
+            read_wall_us: a.get(4)?.as_u64()?,
+            received_at: a.get(5)?.as_i64()?,
+            ts: a.get(6)?.as_i64()?,
+        })
+    }
+}
+
+/// What one process's clients share: the recording switch, the frames read, counters.
+struct Tape {
+    /// Read times: monotonic since this instant, or the wall clock when `None` (a worker).
+    epoch: Option<Instant>,
+    recording: AtomicBool,
+    /// Bounded by `max_frames`; beyond it frames are counted in `dropped` (a failed run).
+    frames: Mutex<Vec<Frame>>,
+    max_frames: usize,
+    dropped: AtomicU64,
+    ready: AtomicUsize,
+    failed: Mutex<Vec<usize>>,
+    /// Clients whose connection ended after subscribing.
+    closed: AtomicUsize,
+}
+
+impl Tape {
+    fn new(epoch: Option<Instant>, max_frames: usize) -> Self {
+        Self {
+            epoch,
+            recording: AtomicBool::new(false),
+            frames: Mutex::new(Vec::new()),
+            max_frames,
+            dropped: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            failed: Mutex::new(Vec::new()),
+            closed: AtomicUsize::new(0),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        match self.epoch {
+            Some(epoch) => epoch.elapsed().as_micros() as u64,
+            None => wall_us(),
+        }
+    }
+
+    fn record(&self, frame: Frame) {
+        let mut frames = self.frames.lock().unwrap();
+        if frames.len() < self.max_frames {
+            frames.push(frame);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One client to open: (global index, edge port, room id, session cookie).
+type ClientSpec = (usize, u16, u64, String);
+
+/// Opens the clients (128 connecting at once) and returns once each has subscribed or failed.
+async fn open_clients(
+    specs: Vec<ClientSpec>,
+    tape: Arc<Tape>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let limiter = Arc::new(tokio::sync::Semaphore::new(128));
+    let total = specs.len();
+    let mut tasks = Vec::with_capacity(total);
+    for (index, port, room_id, cookie) in specs {
+        let permit = limiter.clone().acquire_owned().await?;
+        let tape = tape.clone();
+        tasks.push(tokio::spawn(async move {
+            let opened = async {
+                let mut ws = connect(port, &cookie, index).await?;
+                subscribe(&mut ws, room_id).await?;
+                anyhow::Ok(ws)
+            }
+            .await;
+            drop(permit);
+            match opened {
+                Ok(ws) => {
+                    tape.ready.fetch_add(1, Ordering::Relaxed);
+                    read_frames(ws, index, &tape).await;
+                    tape.closed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let mut failed = tape.failed.lock().unwrap();
+                    if failed.len() < 5 {
+                        eprintln!("client {index}: {e:#}");
+                    }
+                    failed.push(index);
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while tape.ready.load(Ordering::Relaxed) + tape.failed.lock().unwrap().len() < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "clients not subscribed within 30 min"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(tasks)
+}
+
+/// A client: records each `voice.updated` frame it reads while the tape records.
+async fn read_frames(mut ws: Ws, client: usize, tape: &Tape) {
     while let Some(Ok(message)) = ws.next().await {
         let Message::Text(text) = message else {
             continue;
         };
-        let read_at = Instant::now();
-        let read_wall = wall_us();
-        if !recorder.recording.load(Ordering::Relaxed) || !text.contains("\"voice.updated\"") {
+        let read_us = tape.now_us();
+        let read_wall_us = wall_us();
+        if !tape.recording.load(Ordering::Relaxed) || !text.contains("\"voice.updated\"") {
             continue;
         }
         let Ok(frame) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
-        let seq = frame["seq"].as_u64().unwrap_or(0);
-        if seq <= last_seq {
-            recorder.reordered.fetch_add(1, Ordering::Relaxed);
-            continue;
+        tape.record(Frame {
+            client: client as u32,
+            seq: frame["seq"].as_u64().unwrap_or(0),
+            code: code_of(&frame["payload"]["flags"]),
+            read_us,
+            read_wall_us,
+            received_at: frame["received_at"].as_i64().unwrap_or(0),
+            ts: frame["ts"].as_i64().unwrap_or(0),
+        });
+    }
+}
+
+/// One line of JSON to the parent.
+fn say(v: Value) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `vr-bench worker`: holds its share of the clients (see "Client processes" above).
+async fn worker() -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let plan: Value = serde_json::from_str(&lines.next_line().await?.context("no plan")?)?;
+    let specs: Vec<ClientSpec> = serde_json::from_value(plan["clients"].clone())?;
+    let max_frames = plan["max_frames"].as_u64().context("max_frames")? as usize;
+    let tape = Arc::new(Tape::new(None, max_frames));
+    let started = Instant::now();
+    let clients = open_clients(specs, tape.clone()).await?;
+    let failed = tape.failed.lock().unwrap().clone();
+    say(json!({
+        "ready": tape.ready.load(Ordering::Relaxed),
+        "failed": failed,
+        "secs": started.elapsed().as_secs_f64(),
+    }))?;
+    while let Some(line) = lines.next_line().await? {
+        match line.trim() {
+            "start" => {
+                tape.recording.store(true, Ordering::Relaxed);
+                say(json!({"started": true}))?;
+            }
+            "count" => say(json!({"count": tape.frames.lock().unwrap().len()}))?,
+            "stop" => {
+                tape.recording.store(false, Ordering::Relaxed);
+                let frames = std::mem::take(&mut *tape.frames.lock().unwrap());
+                for chunk in frames.chunks(4096) {
+                    let chunk: Vec<Value> = chunk.iter().map(|f| f.to_json()).collect();
+                    say(json!({ "frames": chunk }))?;
+                }
+                say(json!({
+                    "done": true,
+                    "closed": tape.closed.load(Ordering::Relaxed),
+                    "dropped": tape.dropped.load(Ordering::Relaxed),
+                }))?;
+            }
+            "exit" => break,
+            other => anyhow::bail!("worker: unknown command {other:?}"),
         }
-        last_seq = seq;
-        let code = code_of(&frame["payload"]["flags"]);
-        let Some((sent_at, sent_wall)) = recorder.matched(room, &mut cursor, code) else {
-            recorder.reordered.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        recorder.delivered.fetch_add(1, Ordering::Relaxed);
-        recorder
-            .samples
-            .lock()
-            .unwrap()
-            .push(read_at.duration_since(sent_at).as_micros() as u64);
-        let received_at = frame["received_at"].as_i64().unwrap_or(0) as i128 * 1000;
-        let ts = frame["ts"].as_i64().unwrap_or(0) as i128 * 1000;
-        // Millisecond clocks truncate: +0.5 ms makes the means unbiased.
-        add(&recorder.to_gateway, received_at + 500 - sent_wall as i128);
-        add(&recorder.gateway_to_edge, ts - received_at);
-        add(&recorder.edge_to_client, read_wall as i128 - ts - 500);
+    }
+    for c in clients {
+        c.abort();
+    }
+    Ok(())
+}
+
+/// A worker process as the parent drives it.
+struct Worker {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    out: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Worker {
+    fn spawn(threads: usize) -> anyhow::Result<Worker> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["worker", "--threads", &threads.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let out = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
+        Ok(Worker { child, stdin, out })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    async fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        self.stdin.write_all(line.as_bytes()).await?;
+        self.stdin.write_all(b"\n").await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<Value> {
+        let line = self.out.next_line().await?.context("worker ended")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+/// The clients: in this process, or in worker processes.
+enum Fleet {
+    Local {
+        tape: Arc<Tape>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    },
+    Workers(Vec<Worker>),
+}
+
+/// What the clients read during the load.
+struct Reads {
+    frames: Vec<Frame>,
+    closed: usize,
+    dropped: u64,
+}
+
+impl Fleet {
+    /// Opens every client; returns the fleet, the clients that failed and each process's
+    /// set-up time.
+    async fn launch(
+        args: &Args,
+        specs: Vec<ClientSpec>,
+        epoch: Instant,
+        max_frames_per_client: usize,
+    ) -> anyhow::Result<(Fleet, Vec<usize>, Vec<f64>)> {
+        let started = Instant::now();
+        if args.workers == 0 {
+            let tape = Arc::new(Tape::new(
+                Some(epoch),
+                max_frames_per_client * specs.len() + 65_536,
+            ));
+            let tasks = open_clients(specs, tape.clone()).await?;
+            let failed = tape.failed.lock().unwrap().clone();
+            let secs = vec![started.elapsed().as_secs_f64()];
+            return Ok((Fleet::Local { tape, tasks }, failed, secs));
+        }
+        let share = specs.len().div_ceil(args.workers);
+        let mut workers = Vec::new();
+        for chunk in specs.chunks(share) {
+            let mut worker = Worker::spawn(1)?;
+            let plan = json!({
+                "clients": chunk,
+                "max_frames": max_frames_per_client * chunk.len() + 65_536,
+            });
+            worker.send(&plan.to_string()).await?;
+            workers.push(worker);
+        }
+        let answers = futures::future::try_join_all(workers.iter_mut().map(|w| w.recv())).await?;
+        let mut failed = Vec::new();
+        let mut secs = Vec::new();
+        for a in answers {
+            let f: Vec<usize> = serde_json::from_value(a["failed"].clone())
+                .with_context(|| format!("worker's ready: {a}"))?;
+            failed.extend(f);
+            secs.push(a["secs"].as_f64().unwrap_or(f64::NAN));
+        }
+        Ok((Fleet::Workers(workers), failed, secs))
+    }
+
+    fn pids(&self) -> Vec<(String, u32)> {
+        match self {
+            Fleet::Local { .. } => Vec::new(),
+            Fleet::Workers(workers) => workers
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (format!("worker-{i}"), w.pid()))
+                .collect(),
+        }
+    }
+
+    async fn start(&mut self) -> anyhow::Result<()> {
+        match self {
+            Fleet::Local { tape, .. } => tape.recording.store(true, Ordering::Relaxed),
+            Fleet::Workers(workers) => {
+                for w in workers.iter_mut() {
+                    w.send("start").await?;
+                }
+                for w in workers.iter_mut() {
+                    let a = w.recv().await?;
+                    anyhow::ensure!(a["started"] == json!(true), "worker's start: {a}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Frames recorded so far.
+    async fn count(&mut self) -> anyhow::Result<u64> {
+        match self {
+            Fleet::Local { tape, .. } => Ok(tape.frames.lock().unwrap().len() as u64),
+            Fleet::Workers(workers) => {
+                let mut n = 0;
+                for w in workers.iter_mut() {
+                    w.send("count").await?;
+                    n += w.recv().await?["count"].as_u64().context("count")?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<Reads> {
+        match self {
+            Fleet::Local { tape, .. } => {
+                tape.recording.store(false, Ordering::Relaxed);
+                Ok(Reads {
+                    frames: std::mem::take(&mut *tape.frames.lock().unwrap()),
+                    closed: tape.closed.load(Ordering::Relaxed),
+                    dropped: tape.dropped.load(Ordering::Relaxed),
+                })
+            }
+            Fleet::Workers(workers) => {
+                let mut reads = Reads {
+                    frames: Vec::new(),
+                    closed: 0,
+                    dropped: 0,
+                };
+                for w in workers.iter_mut() {
+                    w.send("stop").await?;
+                    loop {
+                        let a = w.recv().await?;
+                        if let Some(frames) = a["frames"].as_array() {
+                            for f in frames {
+                                reads
+                                    .frames
+                                    .push(Frame::from_json(f).context("a worker's frame")?);
+                            }
+                        } else if a["done"] == json!(true) {
+                            reads.closed += a["closed"].as_u64().unwrap_or(0) as usize;
+                            reads.dropped += a["dropped"].as_u64().unwrap_or(0);
+                            break;
+                        } else {
+                            anyhow::bail!("worker's stop: {a}");
+                        }
+                    }
+                }
+                Ok(reads)
+            }
+        }
+    }
+
+    async fn end(self) {
+        match self {
+            Fleet::Local { tasks, .. } => {
+                for t in tasks {
+                    t.abort();
+                }
+            }
+            Fleet::Workers(workers) => {
+                for mut w in workers {
+                    let _ = w.send("exit").await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await;
+                }
+            }
+        }
     }
 }
 
@@ -746,9 +1191,9 @@ async fn read_frames(mut ws: Ws, room: usize, recorder: Arc<Recorder>) {
 async fn observe_live(nats: async_nats::Client, recorder: Arc<Recorder>) -> anyhow::Result<()> {
     let mut sub = nats.subscribe("live.rooms.>").await?;
     tokio::spawn(async move {
-        let mut cursors: HashMap<usize, Cursor> = HashMap::new();
+        let mut cursors: HashMap<usize, usize> = HashMap::new();
         while let Some(m) = sub.next().await {
-            let at = Instant::now();
+            let at = recorder.now_us();
             if !recorder.recording.load(Ordering::Relaxed) || !m.subject.ends_with("voice.updated")
             {
                 continue;
@@ -766,19 +1211,19 @@ async fn observe_live(nats: async_nats::Client, recorder: Arc<Recorder>) -> anyh
                 continue;
             };
             let code = code_of(&event["data"]["flags"]);
-            let cursor = cursors.entry(room).or_insert(Cursor { next: 0 });
+            let cursor = cursors.entry(room).or_insert(0);
             let log = recorder.logs[room].lock().unwrap();
             if let Some(found) = log
                 .changes
-                .get(cursor.next..)
+                .get(*cursor..)
                 .and_then(|ahead| ahead.iter().position(|c| c.0 == code))
             {
-                let (_, sent, _) = log.changes[cursor.next + found];
-                cursor.next += found + 1;
+                let (_, sent, _) = log.changes[*cursor + found];
+                *cursor += found + 1;
                 drop(log);
                 add(
-                    &recorder.to_live,
-                    at.duration_since(sent).as_micros() as i128,
+                    &mut recorder.to_live.lock().unwrap(),
+                    i128::from(at) - i128::from(sent),
                 );
             }
         }
@@ -799,32 +1244,135 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// One room's frames: expected (changes × subscribed clients) and what the clients read.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    expected: u64,
+    delivered: u64,
+    duplicated: u64,
+    reordered: u64,
+}
+
+/// What the matching of the frames found.
+struct Outcome {
+    rooms: Vec<Tally>,
+    /// Change request → client read, µs.
+    samples: Vec<u64>,
+    /// Sums (µs) and counts: request → gateway receipt, gateway → edge frame, edge frame →
+    /// client read (millisecond wall clocks).
+    to_gateway: (i128, u64),
+    gateway_to_edge: (i128, u64),
+    edge_to_client: (i128, u64),
+}
+
+/// Matches each client's frames, in the order it read them, against its room's changes: a
+/// frame whose `seq` repeats the previous one is a duplicate, one whose `seq` goes back or whose
+/// change is not found ahead is reordered; changes skipped over or never read are lost.
+/// `wall`: read times are wall-clock µs (workers), else monotonic since the recorder's epoch.
+fn analyse(
+    mut frames: Vec<Frame>,
+    logs: &[Vec<(u8, u64, u64)>],
+    client_room: &[usize],
+    subscribed: &[u64],
+    wall: bool,
+) -> Outcome {
+    let mut out = Outcome {
+        rooms: logs
+            .iter()
+            .zip(subscribed)
+            .map(|(log, clients)| Tally {
+                expected: log.len() as u64 * clients,
+                ..Tally::default()
+            })
+            .collect(),
+        samples: Vec::with_capacity(frames.len()),
+        to_gateway: (0, 0),
+        gateway_to_edge: (0, 0),
+        edge_to_client: (0, 0),
+    };
+    // Stable: each client's frames stay in the order it read them.
+    frames.sort_by_key(|f| f.client);
+    for client_frames in frames.chunk_by(|a, b| a.client == b.client) {
+        let room = client_room[client_frames[0].client as usize];
+        let log = &logs[room];
+        let tally = &mut out.rooms[room];
+        let (mut cursor, mut last_seq) = (0usize, 0u64);
+        for f in client_frames {
+            if f.seq == last_seq {
+                tally.duplicated += 1;
+                continue;
+            }
+            if f.seq < last_seq {
+                tally.reordered += 1;
+                continue;
+            }
+            last_seq = f.seq;
+            let Some(found) = log
+                .get(cursor..)
+                .and_then(|ahead| ahead.iter().position(|c| c.0 == f.code))
+            else {
+                tally.reordered += 1;
+                continue;
+            };
+            let (_, sent_mono, sent_wall) = log[cursor + found];
+            cursor += found + 1;
+            tally.delivered += 1;
+            let sent = if wall { sent_wall } else { sent_mono };
+            out.samples.push(f.read_us.saturating_sub(sent));
+            let received_at = i128::from(f.received_at) * 1000;
+            let ts = i128::from(f.ts) * 1000;
+            // Millisecond clocks truncate: +0.5 ms makes the means unbiased.
+            add(
+                &mut out.to_gateway,
+                received_at + 500 - i128::from(sent_wall),
+            );
+            add(&mut out.gateway_to_edge, ts - received_at);
+            add(
+                &mut out.edge_to_client,
+                i128::from(f.read_wall_us) - ts - 500,
+            );
+        }
+    }
+    out.samples.sort_unstable();
+    out
+}
+
+fn rss_list(pids: &[u32]) -> String {
+    let each: Vec<f64> = pids.iter().map(|p| rss_mib(*p)).collect();
+    format!(
+        "{} = {:.0} MiB",
+        each.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" + "),
+        each.iter().sum::<f64>()
+    )
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(256)
         .build()?;
     let setup_started = Instant::now();
+    let since = || setup_started.elapsed().as_secs_f64();
     let (stack, world) = start(&args, &http).await?;
+    let stack_secs = since();
     let nats = async_nats::connect(stack.nats.url()).await?;
     let ports: Vec<u16> = stack.edges.iter().map(|(_, p)| *p).collect();
 
-    // Players log in through the first edge (sessions are shared through NATS).
-    let cookies: Vec<String> = futures::stream::iter(world.players.iter())
-        .map(|(id, _)| login(&http, ports[0], *id))
-        .buffered(8)
+    // Players log in through the edges in turn (sessions are shared through NATS).
+    let cookies: Vec<String> = futures::stream::iter(world.players.iter().enumerate())
+        .map(|(i, (id, _))| login(&http, ports[i % ports.len()], *id))
+        .buffered(32)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<anyhow::Result<_>>()?;
-    eprintln!(
-        "{} players logged in ({:.1} s)",
-        cookies.len(),
-        setup_started.elapsed().as_secs_f64()
-    );
+    let login_secs = since();
+    eprintln!("{} players logged in ({login_secs:.1} s)", cookies.len());
 
     // Rooms: player r % P owns room r; the next members join by invite.
-    let per_room = args.clients / args.rooms;
     let user_ref = |p: usize| UserRef {
         id: UserId::new(world.players[p].0).unwrap(),
         username: world.players[p].1.clone(),
@@ -834,7 +1382,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let rooms: Vec<Room> = futures::stream::iter(0..args.rooms)
         .map(|r| {
             let nats = nats.clone();
-            let owner = r % args.players;
+            let members = members_of(&args, r);
+            let owner = members[0];
             let guild = GuildId::new(world.actors[r].1).unwrap();
             let create = CreateRoom {
                 requester: user_ref(owner),
@@ -842,8 +1391,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 name: format!("bench {r}"),
                 idempotency_key: Some(format!("bench-{r}")),
             };
-            let joiners: Vec<usize> = (1..per_room).map(|j| (owner + j) % args.players).collect();
-            let joins: Vec<UserRef> = joiners.iter().map(|p| user_ref(*p)).collect();
+            let joins: Vec<UserRef> = members[1..].iter().map(|p| user_ref(*p)).collect();
             let actor = world.actors[r].0;
             let http = http.clone();
             let sim = stack.sim_base.clone();
@@ -878,8 +1426,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     json!({"user_id": actor.to_string(), "channel_id": room.to_string()}),
                 )
                 .await?;
-                let mut members = vec![owner];
-                members.extend(joiners);
                 anyhow::Ok(Room {
                     id: room,
                     actor,
@@ -887,90 +1433,68 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 })
             }
         })
-        .buffered(16)
+        .buffered(32)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<anyhow::Result<_>>()?;
+    let rooms_secs = since();
     eprintln!(
-        "{} rooms created and joined ({:.1} s)",
-        rooms.len(),
-        setup_started.elapsed().as_secs_f64()
+        "{} rooms created and joined ({rooms_secs:.1} s)",
+        rooms.len()
     );
 
     let recorder = Arc::new(Recorder {
+        epoch: Instant::now(),
         logs: (0..rooms.len()).map(|_| Mutex::default()).collect(),
         index: rooms.iter().enumerate().map(|(i, r)| (r.id, i)).collect(),
-        samples: Mutex::new(Vec::new()),
-        delivered: AtomicU64::new(0),
-        lost: AtomicU64::new(0),
-        reordered: AtomicU64::new(0),
-        to_gateway: Mutex::default(),
-        gateway_to_edge: Mutex::default(),
-        edge_to_client: Mutex::default(),
         to_live: Mutex::default(),
-        recording: std::sync::atomic::AtomicBool::new(false),
+        recording: AtomicBool::new(false),
     });
     observe_live(nats.clone(), recorder.clone()).await?;
 
-    // Clients: every member of every room, over the edges in turn.
-    let ready = Arc::new(AtomicUsize::new(0));
-    let limiter = Arc::new(tokio::sync::Semaphore::new(128));
-    let mut clients = Vec::new();
-    let mut n = 0usize;
+    // Clients: every member of every room, client i on edge i mod N.
+    let mut specs: Vec<ClientSpec> = Vec::new();
+    let mut client_room = Vec::new();
     for (ri, room) in rooms.iter().enumerate() {
         for member in &room.members {
-            let permit = limiter.clone().acquire_owned().await?;
-            let port = ports[n % ports.len()];
-            let cookie = cookies[*member].clone();
-            let (recorder, ready) = (recorder.clone(), ready.clone());
-            let room_id = room.id;
-            let i = n;
-            clients.push(tokio::spawn(async move {
-                let mut ws = match connect(port, &cookie, i).await {
-                    Ok(ws) => ws,
-                    Err(e) => {
-                        eprintln!("client {i}: {e}");
-                        return;
-                    }
-                };
-                if let Err(e) = subscribe(&mut ws, room_id).await {
-                    eprintln!("client {i}: {e}");
-                    return;
-                }
-                drop(permit);
-                ready.fetch_add(1, Ordering::Relaxed);
-                read_frames(ws, ri, recorder).await;
-            }));
-            n += 1;
+            let n = specs.len();
+            specs.push((n, ports[n % ports.len()], room.id, cookies[*member].clone()));
+            client_room.push(ri);
         }
     }
-    let total_clients = n;
-    wait_until(Duration::from_secs(600), "clients subscribed", || {
-        let ready = ready.clone();
-        async move { ready.load(Ordering::Relaxed) >= total_clients }
-    })
-    .await;
+    let total_clients = specs.len();
+    let total = args.rate * args.seconds;
+    let per_client = 2 * (total as usize).div_ceil(rooms.len()) + 16;
+    let (mut fleet, failed, client_secs) =
+        Fleet::launch(&args, specs, recorder.epoch, per_client).await?;
+    let clients_secs = since();
+    let mut subscribed = vec![0u64; rooms.len()];
+    for room in &client_room {
+        subscribed[*room] += 1;
+    }
+    for client in &failed {
+        subscribed[client_room[*client]] -= 1;
+    }
+    let edge_pids: Vec<u32> = stack.edges.iter().map(|(e, _)| e.pid()).collect();
+    let edge_rss_subscribed = rss_list(&edge_pids);
     eprintln!(
-        "{total_clients} clients subscribed over {} edge(s) ({:.1} s); edge RSS {} MiB",
+        "{} of {total_clients} clients subscribed over {} edge(s) from {} process(es) \
+         ({clients_secs:.1} s); edge RSS {edge_rss_subscribed}",
+        total_clients - failed.len(),
         ports.len(),
-        setup_started.elapsed().as_secs_f64(),
-        stack
-            .edges
-            .iter()
-            .map(|(e, _)| format!("{:.0}", rss_mib(e.pid())))
-            .collect::<Vec<_>>()
-            .join(" + ")
+        args.workers.max(1),
     );
     // Let the set-up's events drain before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Load: change i goes to room i % R; a room's next change waits for its previous answer.
-    let pids = stack.pids();
+    let mut pids = stack.pids();
+    pids.extend(fleet.pids());
     let cpu_before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    fleet.start().await?;
     recorder.recording.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    let total = args.rate * args.seconds;
     let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / args.rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let room_locks: Arc<Vec<tokio::sync::Mutex<usize>>> = Arc::new(
@@ -978,18 +1502,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|_| tokio::sync::Mutex::new(0))
             .collect(),
     );
-    let failed = Arc::new(AtomicU64::new(0));
+    let failed_changes = Arc::new(AtomicU64::new(0));
     let mut inflight = futures::stream::FuturesUnordered::new();
     let actors: Arc<Vec<u64>> = Arc::new(rooms.iter().map(|r| r.actor).collect());
     for i in 0..total as usize {
         ticker.tick().await;
         let r = i % rooms.len();
-        let (recorder, locks, actors, http, failed) = (
+        let (recorder, locks, actors, http, failed_changes) = (
             recorder.clone(),
             room_locks.clone(),
             actors.clone(),
             http.clone(),
-            failed.clone(),
+            failed_changes.clone(),
         );
         let url = format!("{}/_sim/voice/state", stack.sim_base);
         inflight.push(tokio::spawn(async move {
@@ -997,7 +1521,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             *k += 1;
             let (code, mut body) = flags_for(*k);
             body["user_id"] = json!(actors[r].to_string());
-            let sent = Instant::now();
+            let sent = recorder.now_us();
             recorder.logs[r]
                 .lock()
                 .unwrap()
@@ -1006,7 +1530,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             match http.post(&url).json(&body).send().await {
                 Ok(resp) if resp.status().is_success() => {}
                 other => {
-                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                    if failed_changes.fetch_add(1, Ordering::Relaxed) < 3 {
                         eprintln!("voice change failed: {other:?}");
                     }
                 }
@@ -1023,15 +1547,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let want: u64 = rooms
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            recorder.logs[i].lock().unwrap().changes.len() as u64 * r.members.len() as u64
-        })
+        .map(|(i, _)| recorder.logs[i].lock().unwrap().changes.len() as u64 * subscribed[i])
         .sum();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while recorder.delivered.load(Ordering::Relaxed) + recorder.lost.load(Ordering::Relaxed) < want
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while fleet.count().await? < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu: Vec<f64> = pids
@@ -1040,40 +1560,92 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|((_, p), before)| cpu_seconds(*p) - before)
         .collect();
     recorder.recording.store(false, Ordering::Relaxed);
+    let worker_pids: Vec<u32> = fleet.pids().iter().map(|(_, p)| *p).collect();
+    let edge_rss_end = rss_list(&edge_pids);
+    let worker_rss = rss_list(&worker_pids);
+    let reads = fleet.stop().await?;
+    fleet.end().await;
 
-    let delivered = recorder.delivered.load(Ordering::Relaxed);
-    let mut samples = std::mem::take(&mut *recorder.samples.lock().unwrap());
-    samples.sort_unstable();
+    let logs: Vec<Vec<(u8, u64, u64)>> = recorder
+        .logs
+        .iter()
+        .map(|l| std::mem::take(&mut l.lock().unwrap().changes))
+        .collect();
+    let wall = args.workers > 0;
+    let outcome = analyse(reads.frames, &logs, &client_room, &subscribed, wall);
+    let delivered: u64 = outcome.rooms.iter().map(|t| t.delivered).sum();
+    let duplicated: u64 = outcome.rooms.iter().map(|t| t.duplicated).sum();
+    let reordered: u64 = outcome.rooms.iter().map(|t| t.reordered).sum();
+    let samples = &outcome.samples;
     println!(
-        "vr-bench: {} rooms, {} clients over {} edge(s), {} players; {} changes at {}/s (issued in {:.1} s, {} failed)",
+        "vr-bench: {} rooms, {} clients over {} edge(s) from {} client process(es), {} players; \
+         {} changes at {}/s (issued in {:.1} s, {} failed)",
         rooms.len(),
         total_clients,
         ports.len(),
+        args.workers.max(1),
         cookies.len(),
         total,
         args.rate,
         issued.as_secs_f64(),
-        failed.load(Ordering::Relaxed),
+        failed_changes.load(Ordering::Relaxed),
     );
     println!(
-        "frames: {delivered} of {want} delivered, {} lost (never read), {} reordered/unmatched",
+        "set-up: stack and world {stack_secs:.1} s, logins {:.1} s, rooms {:.1} s, clients {:.1} s \
+         (per process {}); {} clients failed, {} closed during the run",
+        login_secs - stack_secs,
+        rooms_secs - login_secs,
+        clients_secs - rooms_secs,
+        client_secs
+            .iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        failed.len(),
+        reads.closed,
+    );
+    println!(
+        "frames: {delivered} of {want} delivered, {} lost (never read), {duplicated} duplicated, \
+         {reordered} reordered/unmatched{}",
         want.saturating_sub(delivered),
-        recorder.reordered.load(Ordering::Relaxed),
+        if reads.dropped > 0 {
+            format!(" ({} over the recorder's bound)", reads.dropped)
+        } else {
+            String::new()
+        }
+    );
+    let per_room = |f: fn(&Tally) -> u64| outcome.rooms.iter().filter(|t| f(t) > 0).count();
+    println!(
+        "per room: expected {}–{} frames; rooms with a loss {}, a duplicate {}, a reorder {}; \
+         most lost in one room {}",
+        outcome.rooms.iter().map(|t| t.expected).min().unwrap_or(0),
+        outcome.rooms.iter().map(|t| t.expected).max().unwrap_or(0),
+        per_room(|t| t.expected.saturating_sub(t.delivered)),
+        per_room(|t| t.duplicated),
+        per_room(|t| t.reordered),
+        outcome
+            .rooms
+            .iter()
+            .map(|t| t.expected.saturating_sub(t.delivered))
+            .max()
+            .unwrap_or(0),
     );
     println!(
-        "latency change request → client read: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.9),
-        percentile(&samples, 0.99),
-        percentile(&samples, 0.999),
-        percentile(&samples, 1.0),
+        "latency change request → client read{}: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, \
+         p99.9 {:.2} ms, max {:.2} ms",
+        if wall { " (wall clock)" } else { "" },
+        percentile(samples, 0.5),
+        percentile(samples, 0.9),
+        percentile(samples, 0.99),
+        percentile(samples, 0.999),
+        percentile(samples, 1.0),
     );
     println!(
         "mean split: request → gateway receipt {:.2} ms*; request → stored and republished {:.2} ms; gateway receipt → edge frame {:.2} ms*; edge frame → client read {:.2} ms* (* millisecond wall clocks)",
-        mean_ms(&recorder.to_gateway),
-        mean_ms(&recorder.to_live),
-        mean_ms(&recorder.gateway_to_edge),
-        mean_ms(&recorder.edge_to_client),
+        mean_ms(&outcome.to_gateway),
+        mean_ms(&recorder.to_live.lock().unwrap()),
+        mean_ms(&outcome.gateway_to_edge),
+        mean_ms(&outcome.edge_to_client),
     );
     let per_process: Vec<String> = pids
         .iter()
@@ -1081,9 +1653,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|((name, _), c)| format!("{name} {:.2}", c / elapsed))
         .collect();
     println!(
-        "CPU (cores over {:.1} s): {}; load average {}",
+        "CPU (cores over {:.1} s): {}; total {:.2}; load average {}",
         elapsed,
         per_process.join(", "),
+        cpu.iter().sum::<f64>() / elapsed,
         loadavg()
     );
     let edge_cpu: f64 = pids
@@ -1093,29 +1666,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|(_, c)| c)
         .sum();
     println!(
-        "edge: {:.0} frames per edge CPU-second; RSS {} MiB",
+        "edge: {:.0} frames per edge CPU-second; RSS {edge_rss_end} (when subscribed: \
+         {edge_rss_subscribed})",
         delivered as f64 / edge_cpu.max(1e-9),
-        stack
-            .edges
-            .iter()
-            .map(|(e, _)| format!("{:.0}", rss_mib(e.pid())))
-            .collect::<Vec<_>>()
-            .join(" + ")
     );
-    for c in clients {
-        c.abort();
+    if !worker_pids.is_empty() {
+        println!("client workers: RSS {worker_rss}");
     }
-    if delivered < want {
+    if delivered < want || !failed.is_empty() || reads.dropped > 0 {
         std::process::exit(1);
     }
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = parse_args();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
         .enable_all()
-        .build()?;
-    runtime.block_on(run(args))
+        .build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let nofile = raise_nofile();
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("worker") {
+        let threads = match argv.get(1..) {
+            Some([flag, n]) if flag == "--threads" => n.parse().unwrap_or(1),
+            _ => 1,
+        };
+        runtime(threads)?.block_on(worker())?;
+        // The runtime would wait for its blocking stdin reader.
+        std::process::exit(0);
+    }
+    let args = parse_args();
+    eprintln!("open-file limit: {nofile}");
+    runtime(args.threads)?.block_on(run(args))
 }
