@@ -1361,16 +1361,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let nats = async_nats::connect(stack.nats.url()).await?;
     let ports: Vec<u16> = stack.edges.iter().map(|(_, p)| *p).collect();
 
-    // Players log in through the edges in turn (sessions are shared through NATS).
+    // Players log in through the edges in turn (sessions are shared through NATS). A failed
+    // login is tried again, as a player would: the simulator keeps at most 10,000 OAuth codes
+    // and tokens and drops one at random beyond that, which can be a code still in flight.
+    let login_retried = AtomicU64::new(0);
     let cookies: Vec<String> = futures::stream::iter(world.players.iter().enumerate())
-        .map(|(i, (id, _))| login(&http, ports[i % ports.len()], *id))
+        .map(|(i, (id, _))| {
+            let (http, port, login_retried) = (&http, ports[i % ports.len()], &login_retried);
+            async move {
+                let mut attempt = 0;
+                loop {
+                    match login(http, port, *id).await {
+                        Ok(cookie) => return Ok(cookie),
+                        Err(e) if attempt >= 4 => return Err(e),
+                        Err(_) => {
+                            attempt += 1;
+                            login_retried.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        })
         .buffered(32)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<anyhow::Result<_>>()?;
     let login_secs = since();
-    eprintln!("{} players logged in ({login_secs:.1} s)", cookies.len());
+    eprintln!(
+        "{} players logged in ({login_secs:.1} s, {} logins tried again)",
+        cookies.len(),
+        login_retried.load(Ordering::Relaxed)
+    );
 
     // Rooms: player r % P owns room r; the next members join by invite.
     let user_ref = |p: usize| UserRef {
