@@ -2,26 +2,35 @@
 //!
 //! Producers (room pumps, the connection's own handler) never wait: [`Outbox::push`] either
 //! queues the frame or, past the byte limit, marks the connection overflowed and returns false —
-//! so one slow client can never delay the pump that feeds everyone else. The connection's own
-//! task drains the queue into the socket ([`Inbox::poll_write`], as many frames as the socket
-//! takes per wake-up) and closes the connection with 1008 once it sees the overflow.
+//! so one slow client can never delay the pump that feeds everyone else.
+//!
+//! The queue is written by actix-http's connection dispatcher itself: [`OutboxBody`] is the
+//! WebSocket response's body, and each time the dispatcher polls it, it encodes every queued
+//! frame (up to [`CHUNK_BYTES`]) into one buffer, which the dispatcher writes with one `write`.
+//! There is no second queue in between (actix-ws' session channel is not used for writing) and a
+//! frame queued into an empty queue wakes the dispatcher directly. The connection's own task
+//! holds the [`Inbox`] and learns only what ends the normal flow: a kick, the overflow (it then
+//! closes the connection with 1008), its close handed to the socket, the socket gone.
 //!
 //! Memory per connection matters here (docs/BENCHMARKS.md, edge): the queue is a `VecDeque` that
 //! allocates nothing until a frame is queued and gives its memory back once drained (a small
-//! block is kept between bursts and dropped at the next ping). One waker serves every reason to
-//! wake the connection — a frame queued into an empty queue, the overflow, a kick.
+//! block is kept between bursts and dropped at the next ping).
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use actix_ws::{CloseCode, CloseReason, Message};
+use actix_http::ws::{OpCode, Parser};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_ws::{CloseCode, CloseReason};
+use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures::task::AtomicWaker;
-use futures::Sink;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use voicerooms_contract::RoomId;
 
 /// What the connection sends, in order.
@@ -47,6 +56,14 @@ pub struct Kick {
 /// Queue capacity kept after a burst drains (frames); more is given back at once.
 const KEEP_SLOTS: usize = 8;
 
+/// The most bytes one poll of the body encodes into one chunk (actix-http's dispatcher stops
+/// polling the body once its write buffer holds 32 KiB, and writes it).
+pub const CHUNK_BYTES: usize = 32 * 1024;
+
+/// RFC 6455: a control frame's payload is at most 125 bytes; a close's reason follows its 2-byte
+/// code.
+const MAX_CLOSE_REASON_BYTES: usize = 123;
+
 #[derive(Default)]
 enum KickState {
     #[default]
@@ -69,14 +86,22 @@ struct State {
     kick: KickState,
 }
 
-/// State shared by a connection's producers and its task (one allocation per connection).
+/// State shared by a connection's producers, its task and its writer (one allocation per
+/// connection).
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the connection's task: a frame queued into an empty queue, the overflow, a kick.
-    waker: AtomicWaker,
+    /// Wakes the writer (the response body, polled by actix-http's dispatcher): a frame queued
+    /// into an empty queue, the connection's end.
+    writer: AtomicWaker,
+    /// Wakes the connection's task: the overflow, a kick, the close written, the socket gone.
+    task: AtomicWaker,
     overflowed: AtomicBool,
-    /// The connection ended: producers stop queueing.
+    /// The connection's task ended: producers stop queueing and the body ends.
     closed: AtomicBool,
+    /// A queued [`Out::Close`] was handed to the socket.
+    close_written: AtomicBool,
+    /// The body was dropped: the socket is gone.
+    gone: AtomicBool,
     /// Bytes queued across every connection (`voicerooms_edge_queued_bytes`); moves with
     /// `queued`.
     total: Gauge,
@@ -95,11 +120,11 @@ pub struct Outbox {
     limit: usize,
 }
 
-/// The connection's side: drains the queue into the socket. Dropping it closes the queue and
-/// drops what is left.
+/// The connection task's side. Dropping it closes the queue, drops what is left and ends the
+/// body (the connection closes once what was written is flushed).
 pub struct Inbox {
     shared: Arc<Shared>,
-    /// The overflow was reported once; later polls drain normally (the close that follows).
+    /// The overflow was reported once; later polls report the rest.
     overflow_reported: bool,
 }
 
@@ -108,9 +133,12 @@ pub struct Inbox {
 pub fn outbox(limit: usize, total: Gauge) -> (Outbox, Inbox) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
-        waker: AtomicWaker::new(),
+        writer: AtomicWaker::new(),
+        task: AtomicWaker::new(),
         overflowed: AtomicBool::new(false),
         closed: AtomicBool::new(false),
+        close_written: AtomicBool::new(false),
+        gone: AtomicBool::new(false),
         total,
     });
     (
@@ -151,7 +179,7 @@ impl Outbox {
         if total > self.limit {
             drop(state);
             shared.overflowed.store(true, Ordering::Release);
-            shared.waker.wake();
+            shared.task.wake();
             return false;
         }
         state.queued = total;
@@ -159,9 +187,9 @@ impl Outbox {
         state.frames.push_back(out);
         drop(state);
         shared.total.inc_by(len as i64);
-        // A non-empty queue is being drained already (or waits on the socket, which wakes it).
+        // A non-empty queue is being written already (or waits on the socket, which wakes it).
         if was_empty {
-            shared.waker.wake();
+            shared.writer.wake();
         }
         true
     }
@@ -178,7 +206,7 @@ impl Outbox {
         state.frames.push_back(out);
         drop(state);
         if was_empty {
-            shared.waker.wake();
+            shared.writer.wake();
         }
         true
     }
@@ -209,13 +237,13 @@ impl Outbox {
     }
 
     /// Asks the connection to close (the first kick wins); its task sees it in
-    /// [`Inbox::poll_write`].
+    /// [`Inbox::poll_event`].
     pub fn kick(&self, kick: Kick) {
         let mut state = self.shared.lock();
         if matches!(state.kick, KickState::None) {
             state.kick = KickState::Pending(kick);
             drop(state);
-            self.shared.waker.wake();
+            self.shared.task.wake();
         }
     }
 
@@ -225,13 +253,13 @@ impl Outbox {
     }
 }
 
-/// Why [`Inbox::poll_write`] stopped writing.
+/// What ends a connection's normal flow, as [`Inbox::poll_event`] reports it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wrote {
     /// The connection was asked to close (e.g. its session ended).
     Kicked(Kick),
     /// The queue went over its byte limit: the client does not read fast enough (reported
-    /// once).
+    /// once). Its frames are no longer written.
     Overflowed,
     /// The socket is gone.
     Gone,
@@ -240,22 +268,11 @@ pub enum Wrote {
 }
 
 impl Inbox {
-    /// Hands queued frames to `socket` until the queue is empty or the socket is full, then
-    /// waits (registering the task's waker with both). Resolves only for what ends the normal
-    /// flow ([`Wrote`]); `on_event` gets the receive time of each event frame handed over.
-    /// Nothing is lost when the future polling this is dropped: a frame leaves the queue only
-    /// once the socket has accepted it.
-    pub fn poll_write<S>(
-        &mut self,
-        cx: &mut Context<'_>,
-        socket: &mut S,
-        mut on_event: impl FnMut(u64),
-    ) -> Poll<Wrote>
-    where
-        S: Sink<Message> + Unpin,
-    {
+    /// Waits for what ends the normal flow ([`Wrote`]); frames are written by the body
+    /// ([`Inbox::body`]) meanwhile.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Wrote> {
         let shared = &*self.shared;
-        shared.waker.register(cx.waker());
+        shared.task.register(cx.waker());
         if !self.overflow_reported && shared.overflowed.load(Ordering::Acquire) {
             self.overflow_reported = true;
             return Poll::Ready(Wrote::Overflowed);
@@ -265,48 +282,26 @@ impl Inbox {
             state.kick = KickState::Taken;
             return Poll::Ready(Wrote::Kicked(kick));
         }
-        let mut written = 0usize;
-        let result = loop {
-            if state.frames.is_empty() {
-                if state.frames.capacity() > KEEP_SLOTS {
-                    state.frames = VecDeque::new();
-                }
-                break Poll::Pending;
-            }
-            match Pin::new(&mut *socket).poll_ready(cx) {
-                Poll::Pending => break Poll::Pending,
-                Poll::Ready(Err(_)) => break Poll::Ready(Wrote::Gone),
-                Poll::Ready(Ok(())) => {}
-            }
-            let Some(out) = state.frames.pop_front() else {
-                break Poll::Pending;
-            };
-            let (message, last) = match out {
-                Out::Frame(frame) => {
-                    written = written.saturating_add(frame.len());
-                    (Message::Text(frame), false)
-                }
-                Out::Event(frame, received_at) => {
-                    written = written.saturating_add(frame.len());
-                    on_event(received_at);
-                    (Message::Text(frame), false)
-                }
-                Out::Ping => (Message::Ping(Default::default()), false),
-                Out::Close(code, why) => (Message::Close(Some(reason(code, why))), true),
-            };
-            if Pin::new(&mut *socket).start_send(message).is_err() {
-                break Poll::Ready(Wrote::Gone);
-            }
-            if last {
-                break Poll::Ready(Wrote::Closed);
-            }
-        };
-        state.queued = state.queued.saturating_sub(written);
         drop(state);
-        if written > 0 {
-            shared.total.dec_by(written as i64);
+        if shared.close_written.load(Ordering::Acquire) {
+            return Poll::Ready(Wrote::Closed);
         }
-        result
+        if shared.gone.load(Ordering::Acquire) {
+            return Poll::Ready(Wrote::Gone);
+        }
+        Poll::Pending
+    }
+
+    /// The WebSocket response's body: writes this queue. `latency` observes the end-to-end
+    /// latency (seconds) of every event frame written; `hold` is kept as long as the body (actix-ws'
+    /// own body: dropping it tells actix-ws' message stream that the connection ended).
+    pub fn body(&self, latency: Histogram, hold: BoxBody) -> OutboxBody {
+        OutboxBody {
+            shared: self.shared.clone(),
+            latency,
+            done: false,
+            _hold: hold,
+        }
     }
 
     /// Drops what is queued (an overflowed connection's backlog); the queue stays open for
@@ -347,7 +342,8 @@ impl Inbox {
 }
 
 impl Drop for Inbox {
-    /// The connection ended: producers stop queueing and what is left leaves the total.
+    /// The connection ended: producers stop queueing, what is left leaves the total and the
+    /// body ends.
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         self.shared.closed.store(true, Ordering::Release);
@@ -357,6 +353,167 @@ impl Drop for Inbox {
         if left > 0 {
             self.shared.total.dec_by(left as i64);
         }
+        self.shared.writer.wake();
+    }
+}
+
+/// A WebSocket connection's response body: its queue, encoded as server frames (RFC 6455,
+/// unmasked) by actix-http's frame encoder, as many frames per chunk as are queued. A frame
+/// leaves the queue only when the dispatcher takes the chunk holding it.
+pub struct OutboxBody {
+    shared: Arc<Shared>,
+    latency: Histogram,
+    /// The close was written or the connection's task ended: the body is over.
+    done: bool,
+    _hold: BoxBody,
+}
+
+/// Bytes `payload` bytes take as an unmasked frame.
+fn frame_len(payload: usize) -> usize {
+    let header = if payload < 126 {
+        2
+    } else if payload <= 0xFFFF {
+        4
+    } else {
+        10
+    };
+    payload.saturating_add(header)
+}
+
+/// A close reason's text, cut to what a control frame can carry (at a character boundary).
+fn close_reason(why: &str) -> &str {
+    if why.len() <= MAX_CLOSE_REASON_BYTES {
+        return why;
+    }
+    let mut end = MAX_CLOSE_REASON_BYTES;
+    while end > 0 && !why.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    why.get(..end).unwrap_or_default()
+}
+
+impl MessageBody for OutboxBody {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let shared = &*this.shared;
+        shared.writer.register(cx.waker());
+        // An overflowed connection's frames are not written: only the close that follows.
+        let overflowed = shared.overflowed.load(Ordering::Acquire);
+        let mut state = shared.lock();
+        // The chunk's exact size first: one allocation, no growth.
+        let mut size = 0usize;
+        let mut count = 0usize;
+        for out in &state.frames {
+            if size >= CHUNK_BYTES {
+                break;
+            }
+            let len = match out {
+                Out::Frame(_) | Out::Event(..) if overflowed => 0,
+                Out::Frame(f) | Out::Event(f, _) => frame_len(f.len()),
+                Out::Ping => frame_len(0),
+                Out::Close(_, why) => frame_len(close_reason(why).len().saturating_add(2)),
+            };
+            size = size.saturating_add(len);
+            count = count.saturating_add(1);
+        }
+        if count == 0 {
+            if state.frames.capacity() > KEEP_SLOTS {
+                state.frames = VecDeque::new();
+            }
+            drop(state);
+            if shared.closed.load(Ordering::Acquire) {
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            return Poll::Pending;
+        }
+        let mut buf = BytesMut::with_capacity(size);
+        let mut written = 0usize;
+        let mut closed = false;
+        let mut now = None;
+        for _ in 0..count {
+            let Some(out) = state.frames.pop_front() else {
+                break;
+            };
+            match out {
+                Out::Frame(frame) => {
+                    written = written.saturating_add(frame.len());
+                    if !overflowed {
+                        Parser::write_message(
+                            &mut buf,
+                            frame.as_bytes(),
+                            OpCode::Text,
+                            true,
+                            false,
+                        );
+                    }
+                }
+                Out::Event(frame, received_at) => {
+                    written = written.saturating_add(frame.len());
+                    if !overflowed {
+                        Parser::write_message(
+                            &mut buf,
+                            frame.as_bytes(),
+                            OpCode::Text,
+                            true,
+                            false,
+                        );
+                        let now = *now.get_or_insert_with(voicerooms_contract::now_ms);
+                        this.latency
+                            .observe(now.saturating_sub(received_at) as f64 / 1000.0);
+                    }
+                }
+                Out::Ping => Parser::write_message(&mut buf, b"", OpCode::Ping, true, false),
+                Out::Close(code, why) => {
+                    Parser::write_close(&mut buf, Some(reason(code, close_reason(why))), false);
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        state.queued = state.queued.saturating_sub(written);
+        let more = !state.frames.is_empty();
+        if !more && state.frames.capacity() > KEEP_SLOTS {
+            // A drained burst gives its memory back at once.
+            state.frames = VecDeque::new();
+        }
+        drop(state);
+        if written > 0 {
+            shared.total.dec_by(written as i64);
+        }
+        if closed {
+            this.done = true;
+            shared.close_written.store(true, Ordering::Release);
+            shared.task.wake();
+        }
+        if buf.is_empty() {
+            // Only an overflowed connection's frames were dropped: nothing to write yet.
+            if more {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Ok(buf.freeze())))
+    }
+}
+
+impl Drop for OutboxBody {
+    /// The dispatcher dropped the body: the connection is gone (or its close was written).
+    fn drop(&mut self) {
+        self.shared.gone.store(true, Ordering::Release);
+        self.shared.task.wake();
     }
 }
 
@@ -372,46 +529,63 @@ pub fn reason(code: u16, description: &str) -> CloseReason {
 mod tests {
     use super::*;
 
-    /// A socket that takes `room` messages, then is full until `room` is raised.
-    #[derive(Default)]
-    struct TestSocket {
-        room: usize,
-        sent: Vec<Message>,
-        gone: bool,
+    /// What a client reads: a frame's opcode and payload.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Read {
+        Text(String),
+        Ping,
+        Close(u16, String),
     }
 
-    impl Sink<Message> for TestSocket {
-        type Error = ();
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
-            if self.gone {
-                Poll::Ready(Err(()))
-            } else if self.sent.len() < self.room {
-                Poll::Ready(Ok(()))
-            } else {
-                Poll::Pending
-            }
-        }
-        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), ()> {
-            self.sent.push(item);
-            Ok(())
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
-            Poll::Ready(Ok(()))
-        }
+    fn new_body(inbox: &Inbox) -> OutboxBody {
+        inbox.body(Histogram::new([0.001, 1.0]), BoxBody::new(()))
     }
 
-    fn poll(inbox: &mut Inbox, socket: &mut TestSocket) -> Poll<Wrote> {
+    /// Polls the body once; `Some(frames)` for a chunk, `None` for pending, panics at its end.
+    fn poll(body: &mut OutboxBody) -> Option<Vec<Read>> {
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        inbox.poll_write(&mut cx, socket, |_| {})
+        match Pin::new(body).poll_next(&mut cx) {
+            Poll::Pending => None,
+            Poll::Ready(Some(Ok(chunk))) => Some(decode(&chunk)),
+            Poll::Ready(None) => panic!("the body ended"),
+        }
+    }
+
+    fn ended(body: &mut OutboxBody) -> bool {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        matches!(Pin::new(body).poll_next(&mut cx), Poll::Ready(None))
+    }
+
+    fn decode(chunk: &[u8]) -> Vec<Read> {
+        let mut buf = BytesMut::from(chunk);
+        let mut frames = Vec::new();
+        while let Some((fin, op, payload)) = Parser::parse(&mut buf, false, 1_048_576).unwrap() {
+            assert!(fin);
+            let payload = payload.unwrap_or_default();
+            frames.push(match op {
+                OpCode::Text => Read::Text(String::from_utf8(payload.to_vec()).unwrap()),
+                OpCode::Ping => Read::Ping,
+                OpCode::Close => Read::Close(
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    String::from_utf8(payload[2..].to_vec()).unwrap(),
+                ),
+                other => panic!("{other:?}"),
+            });
+        }
+        assert!(buf.is_empty(), "whole frames only");
+        frames
+    }
+
+    fn event(inbox: &mut Inbox) -> Poll<Wrote> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        inbox.poll_event(&mut cx)
     }
 
     #[test]
     fn the_queue_is_bounded_by_bytes() {
         let total = Gauge::default();
         let (outbox, mut inbox) = outbox(10, total.clone());
+        let mut body = new_body(&inbox);
         let frame = ByteString::from_static("abcd");
         assert!(outbox.push(&frame));
         assert!(outbox.push(&frame));
@@ -427,61 +601,52 @@ mod tests {
             "stays overflowed"
         );
         assert_eq!(total.get(), 8, "only queued frames count");
-        let mut socket = TestSocket {
-            room: 10,
-            ..Default::default()
-        };
-        assert_eq!(
-            poll(&mut inbox, &mut socket),
-            Poll::Ready(Wrote::Overflowed)
-        );
-        assert!(socket.sent.is_empty(), "an overflowed queue is not written");
+        assert_eq!(event(&mut inbox), Poll::Ready(Wrote::Overflowed));
+        assert_eq!(event(&mut inbox), Poll::Pending, "reported once");
+        assert_eq!(poll(&mut body), None, "an overflowed queue is not written");
+        assert_eq!(total.get(), 0);
         inbox.clear();
         assert_eq!(total.get(), 0);
         assert!(
             outbox.control(Out::Close(1008, "slow")),
             "the close still goes"
         );
+        assert_eq!(
+            poll(&mut body),
+            Some(vec![Read::Close(1008, "slow".into())])
+        );
+        assert_eq!(event(&mut inbox), Poll::Ready(Wrote::Closed));
+        assert!(ended(&mut body));
         drop((outbox, inbox));
         assert_eq!(total.get(), 0);
     }
 
     #[test]
-    fn frames_go_out_in_order_as_the_socket_takes_them_and_the_memory_comes_back() {
+    fn queued_frames_go_out_in_order_in_one_chunk_and_the_memory_comes_back() {
         let total = Gauge::default();
-        let (outbox, mut inbox) = outbox(1000, total.clone());
+        let (outbox, mut inbox) = outbox(1_048_576, total.clone());
+        let mut body = new_body(&inbox);
+        assert_eq!(poll(&mut body), None, "nothing queued");
         for i in 0..20 {
-            assert!(outbox.push(&ByteString::from(format!("f{i:02}"))));
+            assert!(outbox.push_event(&ByteString::from(format!("f{i:02}")), 1));
         }
+        assert!(outbox.control(Out::Ping));
         assert_eq!(total.get(), 60);
-        let mut socket = TestSocket {
-            room: 5,
-            ..Default::default()
-        };
-        assert_eq!(poll(&mut inbox, &mut socket), Poll::Pending, "socket full");
-        assert_eq!(socket.sent.len(), 5);
-        assert_eq!(outbox.queued_bytes(), 45);
-        assert_eq!(total.get(), 45);
-        socket.room = 100;
-        assert_eq!(poll(&mut inbox, &mut socket), Poll::Pending, "queue empty");
-        let texts: Vec<String> = socket
-            .sent
-            .iter()
-            .map(|m| match m {
-                Message::Text(t) => t.to_string(),
-                other => panic!("{other:?}"),
-            })
+        let want: Vec<Read> = (0..20)
+            .map(|i| Read::Text(format!("f{i:02}")))
+            .chain([Read::Ping])
             .collect();
-        let want: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
-        assert_eq!(texts, want);
+        assert_eq!(poll(&mut body), Some(want), "one chunk for what is queued");
         assert_eq!(total.get(), 0);
+        assert_eq!(outbox.queued_bytes(), 0);
         assert_eq!(
             inbox.shared.lock().frames.capacity(),
             0,
             "a drained burst gives its memory back"
         );
+        assert_eq!(poll(&mut body), None);
         assert!(outbox.push(&ByteString::from_static("x")));
-        assert_eq!(poll(&mut inbox, &mut socket), Poll::Pending);
+        assert_eq!(poll(&mut body), Some(vec![Read::Text("x".into())]));
         assert!(
             inbox.shared.lock().frames.capacity() > 0,
             "a small block is kept"
@@ -492,15 +657,33 @@ mod tests {
             0,
             "and dropped by trim"
         );
+        // Frames of every header size, and more than one chunk's worth.
+        let sizes = [125, 126, 65_535, 65_536, 3, 40_000];
+        for size in sizes {
+            assert!(outbox.push(&ByteString::from("y".repeat(size))));
+        }
+        let mut read = Vec::new();
+        let mut chunks = 0u32;
+        while let Some(frames) = poll(&mut body) {
+            read.extend(frames);
+            chunks = chunks.saturating_add(1);
+        }
+        let lens: Vec<usize> = read
+            .iter()
+            .map(|r| match r {
+                Read::Text(t) => t.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(lens, sizes);
+        assert!(chunks > 1, "a chunk stops past {CHUNK_BYTES} bytes");
+        assert_eq!(total.get(), 0);
     }
 
     #[test]
     fn a_kick_and_a_close_end_the_writing_and_the_first_kick_wins() {
         let (outbox, mut inbox) = outbox(1000, Gauge::default());
-        let mut socket = TestSocket {
-            room: 100,
-            ..Default::default()
-        };
+        let mut body = new_body(&inbox);
         let first = Kick {
             code: 4003,
             error: "session_ended",
@@ -511,25 +694,51 @@ mod tests {
             code: 4000,
             ..first
         });
-        assert_eq!(
-            poll(&mut inbox, &mut socket),
-            Poll::Ready(Wrote::Kicked(first))
-        );
-        assert_eq!(poll(&mut inbox, &mut socket), Poll::Pending, "taken once");
+        assert_eq!(event(&mut inbox), Poll::Ready(Wrote::Kicked(first)));
+        assert_eq!(event(&mut inbox), Poll::Pending, "taken once");
         assert!(outbox.push(&ByteString::from_static("bye")));
         assert!(outbox.control(Out::Close(4003, "a")));
         assert!(outbox.push(&ByteString::from_static("after")));
-        assert_eq!(poll(&mut inbox, &mut socket), Poll::Ready(Wrote::Closed));
         assert_eq!(
-            socket.sent.len(),
-            2,
+            poll(&mut body),
+            Some(vec![
+                Read::Text("bye".into()),
+                Read::Close(4003, "a".into())
+            ]),
             "the frame, then the close; nothing after"
         );
+        assert_eq!(event(&mut inbox), Poll::Ready(Wrote::Closed));
+        assert!(ended(&mut body));
+        drop(body);
+        assert_eq!(event(&mut inbox), Poll::Ready(Wrote::Closed));
+    }
+
+    #[test]
+    fn the_body_ends_with_the_task_and_the_task_learns_when_the_socket_is_gone() {
+        let (outbox, inbox) = outbox(1000, Gauge::default());
+        let mut body = new_body(&inbox);
+        assert!(outbox.push(&ByteString::from_static("late")));
+        drop(inbox);
+        assert!(ended(&mut body), "the task ended: the body ends");
+        assert!(!outbox.push(&ByteString::from_static("x")));
+
+        let (_outbox, mut inbox) = super::outbox(1000, Gauge::default());
+        let body = new_body(&inbox);
+        assert_eq!(event(&mut inbox), Poll::Pending);
+        drop(body);
+        assert_eq!(event(&mut inbox), Poll::Ready(Wrote::Gone));
+    }
+
+    #[test]
+    fn a_long_close_reason_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(100);
+        let cut = close_reason(&long);
         assert!(
-            matches!(socket.sent.get(1), Some(Message::Close(Some(r))) if r.code == CloseCode::from(4003))
+            cut.len() <= MAX_CLOSE_REASON_BYTES
+                && cut.len() >= MAX_CLOSE_REASON_BYTES.saturating_sub(1)
         );
-        socket.gone = true;
-        assert_eq!(poll(&mut inbox, &mut socket), Poll::Ready(Wrote::Gone));
+        assert!(long.starts_with(cut));
+        assert_eq!(close_reason("short"), "short");
     }
 
     #[test]

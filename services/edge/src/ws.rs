@@ -1,11 +1,12 @@
-//! One WebSocket connection: the upgrade's origin check, authentication, subscriptions,
-//! liveness and its writing — all in one task per connection.
+//! One WebSocket connection: the upgrade's origin check, authentication, subscriptions and
+//! liveness in one task per connection; its writing in the response body.
 //!
 //! ```text
 //! the connection's task
 //!   frames from the client ──▶ handle ──┐
-//!   auth deadline, pings, session checks ├─▶ Outbox ──▶ Inbox ──▶ socket (in order)
-//!   room pumps (other tasks) ────────────┘      overflow ──▶ close 1008
+//!   auth deadline, pings, session checks ├─▶ Outbox ──▶ OutboxBody ──▶ socket (in order)
+//!   room pumps (other tasks) ────────────┘      │       (actix-http's dispatcher writes it)
+//!                                    overflow ──▶ close 1008
 //!   session ended (any edge) ──▶ kick ──▶ close 4003
 //! ```
 //!
@@ -17,9 +18,9 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use actix_web::body::MessageBody;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, ProtocolError};
 use bytestring::ByteString;
@@ -250,6 +251,16 @@ pub async fn upgrade(
         state.tasks.spawn_local(refuse(session, open_slot));
         return Ok(response);
     }
+    // The connection writes through its own body, not actix-ws' session (one queue, one
+    // chunk per wake-up; docs/BENCHMARKS.md, edge). actix-ws' body is kept inside it: its drop
+    // is what tells the message stream that the connection ended.
+    drop(session);
+    let (outbox, inbox) = outbox(
+        state.settings.max_queue_bytes,
+        state.metrics.queued_bytes.clone(),
+    );
+    let latency = state.metrics.delivery_latency.clone();
+    let response = response.map_body(|_, ws_body| inbox.body(latency, ws_body).boxed());
     let cookie = req
         .cookie(state.sessions.cookie_name())
         .map(|c| c.value().to_owned());
@@ -261,7 +272,7 @@ pub async fn upgrade(
     open_slot.admitted = true;
     state
         .tasks
-        .spawn_local(Connection::run(open_slot, session, stream, cookie));
+        .spawn_local(Connection::run(open_slot, outbox, inbox, stream, cookie));
     Ok(response)
 }
 
@@ -342,45 +353,25 @@ enum Flow {
     Gone,
 }
 
-/// The connection's sending side, driven by its own task: the socket's sink and the queue.
-struct Writer {
-    session: actix_ws::Session,
-    inbox: Inbox,
-}
-
-impl Writer {
-    /// Hands queued frames to the socket (see [`Inbox::poll_write`]), recording each event's
-    /// end-to-end latency.
-    fn poll_write(&mut self, cx: &mut Context<'_>, metrics: &EdgeMetrics) -> Poll<Wrote> {
-        let mut now = None;
-        self.inbox.poll_write(cx, &mut self.session, |received_at| {
-            let now = *now.get_or_insert_with(voicerooms_contract::now_ms);
-            metrics
-                .delivery_latency
-                .observe(now.saturating_sub(received_at) as f64 / 1000.0);
-        })
-    }
-
-    /// Sends what is queued up to and including a queued close; ends when it is handed to the
-    /// socket or the socket is gone.
-    async fn drain(&mut self, metrics: &EdgeMetrics) {
-        loop {
-            match poll_fn(|cx| self.poll_write(cx, metrics)).await {
-                Wrote::Closed | Wrote::Gone => return,
-                // Too late to act on: the connection is closing already.
-                Wrote::Kicked(_) => {}
-                Wrote::Overflowed => {
-                    self.inbox.clear();
-                    return;
-                }
+/// Waits until what is queued, up to and including a queued close, is handed to the socket,
+/// or the socket is gone.
+async fn drain(inbox: &mut Inbox) {
+    loop {
+        match poll_fn(|cx| inbox.poll_event(cx)).await {
+            Wrote::Closed | Wrote::Gone => return,
+            // Too late to act on: the connection is closing already.
+            Wrote::Kicked(_) => {}
+            Wrote::Overflowed => {
+                inbox.clear();
+                return;
             }
         }
     }
 }
 
 impl Connection {
-    /// The connection's one task: reads client frames, runs its timers and writes its queue
-    /// into the socket.
+    /// The connection's one task: reads client frames, runs its timers and acts on what ends
+    /// the writing (a kick, the overflow, the socket gone); the response body writes the queue.
     ///
     /// Not an `async fn`: the future lives as long as the connection, and an `async fn` keeps its
     /// arguments twice (as arguments and as the locals they are moved into); the block below
@@ -390,17 +381,13 @@ impl Connection {
     /// not a reader and a writer: a task costs about 1 KiB per connection.
     fn run(
         slot: OpenSlot,
-        session: actix_ws::Session,
+        outbox: Outbox,
+        mut inbox: Inbox,
         mut stream: actix_ws::AggregatedMessageStream,
         cookie: Option<String>,
     ) -> impl std::future::Future<Output = ()> {
         let state = slot.state.clone();
-        let (outbox, inbox) = outbox(
-            state.settings.max_queue_bytes,
-            state.metrics.queued_bytes.clone(),
-        );
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut writer = Writer { session, inbox };
         let mut conn = Connection {
             id,
             state,
@@ -434,7 +421,7 @@ impl Connection {
 
             while matches!(flow, Flow::Continue) {
                 flow = tokio::select! {
-                    wrote = poll_fn(|cx| writer.poll_write(cx, &conn.state.metrics)) => match wrote {
+                    wrote = poll_fn(|cx| inbox.poll_event(cx)) => match wrote {
                         Wrote::Kicked(kick) => {
                             conn.send(protocol::error_code(kick.error, kick.message, None));
                             Flow::Close(kick.code, kick.message)
@@ -469,7 +456,7 @@ impl Connection {
                                 flow = Flow::Close(close::IDLE, "no answer to pings");
                             } else {
                                 // An idle connection holds no queue memory between pings.
-                                writer.inbox.trim();
+                                inbox.trim();
                                 conn.outbox.control(Out::Ping);
                             }
                         }
@@ -491,14 +478,14 @@ impl Connection {
                     timer.as_mut().reset(wake);
                 }
             }
-            Box::pin(conn.finish(writer, flow)).await;
+            Box::pin(conn.finish(inbox, flow)).await;
             drop(slot);
         }
     }
 
     /// Leaves the rooms, then sends (bounded) what is queued and the close the connection
     /// ended with.
-    async fn finish(mut self, mut writer: Writer, flow: Flow) {
+    async fn finish(mut self, mut inbox: Inbox, flow: Flow) {
         for (room, _) in std::mem::take(&mut self.rooms) {
             self.state.hub.detach(room, self.id).await;
         }
@@ -517,7 +504,7 @@ impl Connection {
                 tracing::info!("closing a slow consumer (outgoing queue over its limit)");
                 // Its backlog is dropped; the close waits for room in the socket, bounded: a
                 // client that never reads again cannot hold this task.
-                writer.inbox.clear();
+                inbox.clear();
                 self.outbox.control(Out::Close(
                     close::SLOW_CONSUMER,
                     "outgoing queue over its limit; reconnect with since",
@@ -526,10 +513,9 @@ impl Connection {
             }
             Flow::Continue | Flow::Gone => return,
         }
-        let state = self.state.clone();
         // Gives back the user's slot and the session index entry.
         drop(self);
-        let _ = tokio::time::timeout(wait, writer.drain(&state.metrics)).await;
+        let _ = tokio::time::timeout(wait, drain(&mut inbox)).await;
     }
 
     fn send(&self, frame: ByteString) {
