@@ -22,8 +22,8 @@
 //! raises its soft limit to it). Up to 17,000 clients live in this process; above that (or with
 //! `--workers N`) they are split over N worker processes, this binary re-executed as
 //! `vr-bench worker`. The coordination is JSON lines over the worker's stdin and stdout:
-//! - parent → worker: the plan (`{"clients": [[index, edge port, room index, room id, cookie],
-//!   ...], "max_frames": N}`), then `start`, `count`, `stop`, `exit`;
+//! - parent → worker: the plan (`{"clients": [[index, edge port, room id, cookie], ...],
+//!   "max_frames": N, "at_once": N}`), then `start`, `count`, `stop`, `exit`;
 //! - worker → parent: `{"ready": n, "failed": [index...], "secs": s}` once every client
 //!   subscribed or failed, `{"started": true}`, `{"count": frames}`, then after `stop` its frames
 //!   in chunks (`{"frames": [[client, seq, code, read µs, read wall µs, received_at, ts], ...]}`)
@@ -98,6 +98,9 @@ const SIM_BOT_TOKEN: &str = "sim-bot-token";
 const ROOMS_PER_GUILD: usize = 200;
 /// Most clients one process holds (a process may hold 20,000 sockets here).
 const PER_PROCESS: usize = 17_000;
+/// Clients connecting and subscribing at once, over all processes (each subscribe reads the
+/// room's state and last event from JetStream).
+const CONNECTING: usize = 128;
 /// The edge's default `websocket.max_connections_per_user`.
 const EDGE_PER_USER_DEFAULT: usize = 20;
 
@@ -865,12 +868,14 @@ impl Tape {
 /// One client to open: (global index, edge port, room id, session cookie).
 type ClientSpec = (usize, u16, u64, String);
 
-/// Opens the clients (128 connecting at once) and returns once each has subscribed or failed.
+/// Opens the clients (`at_once` connecting at a time) and returns once each has subscribed or
+/// failed.
 async fn open_clients(
     specs: Vec<ClientSpec>,
     tape: Arc<Tape>,
+    at_once: usize,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let limiter = Arc::new(tokio::sync::Semaphore::new(128));
+    let limiter = Arc::new(tokio::sync::Semaphore::new(at_once.max(1)));
     let total = specs.len();
     let mut tasks = Vec::with_capacity(total);
     for (index, port, room_id, cookie) in specs {
@@ -952,9 +957,10 @@ async fn worker() -> anyhow::Result<()> {
     let plan: Value = serde_json::from_str(&lines.next_line().await?.context("no plan")?)?;
     let specs: Vec<ClientSpec> = serde_json::from_value(plan["clients"].clone())?;
     let max_frames = plan["max_frames"].as_u64().context("max_frames")? as usize;
+    let at_once = plan["at_once"].as_u64().context("at_once")? as usize;
     let tape = Arc::new(Tape::new(None, max_frames));
     let started = Instant::now();
-    let clients = open_clients(specs, tape.clone()).await?;
+    let clients = open_clients(specs, tape.clone(), at_once).await?;
     let failed = tape.failed.lock().unwrap().clone();
     say(json!({
         "ready": tape.ready.load(Ordering::Relaxed),
@@ -1060,7 +1066,7 @@ impl Fleet {
                 Some(epoch),
                 max_frames_per_client * specs.len() + 65_536,
             ));
-            let tasks = open_clients(specs, tape.clone()).await?;
+            let tasks = open_clients(specs, tape.clone(), CONNECTING).await?;
             let failed = tape.failed.lock().unwrap().clone();
             let secs = vec![started.elapsed().as_secs_f64()];
             return Ok((Fleet::Local { tape, tasks }, failed, secs));
@@ -1072,6 +1078,8 @@ impl Fleet {
             let plan = json!({
                 "clients": chunk,
                 "max_frames": max_frames_per_client * chunk.len() + 65_536,
+                // The same number connecting at once as with one process, shared out.
+                "at_once": CONNECTING.div_ceil(args.workers),
             });
             worker.send(&plan.to_string()).await?;
             workers.push(worker);
@@ -1700,6 +1708,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("client workers: RSS {worker_rss}");
     }
     if delivered < want || !failed.is_empty() || reads.dropped > 0 {
+        // Stop the processes first: `exit` skips their destructors and would leave them running.
+        drop(stack);
         std::process::exit(1);
     }
     Ok(())
