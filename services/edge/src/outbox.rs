@@ -447,40 +447,28 @@ impl MessageBody for OutboxBody {
             let Some(out) = state.frames.pop_front() else {
                 break;
             };
-            match out {
-                Out::Frame(frame) => {
-                    written = written.saturating_add(frame.len());
-                    if !overflowed {
-                        Parser::write_message(
-                            &mut buf,
-                            frame.as_bytes(),
-                            OpCode::Text,
-                            true,
-                            false,
-                        );
-                    }
+            let (frame, received_at) = match out {
+                Out::Frame(frame) => (frame, None),
+                Out::Event(frame, received_at) => (frame, Some(received_at)),
+                Out::Ping => {
+                    Parser::write_message(&mut buf, b"", OpCode::Ping, true, false);
+                    continue;
                 }
-                Out::Event(frame, received_at) => {
-                    written = written.saturating_add(frame.len());
-                    if !overflowed {
-                        Parser::write_message(
-                            &mut buf,
-                            frame.as_bytes(),
-                            OpCode::Text,
-                            true,
-                            false,
-                        );
-                        let now = *now.get_or_insert_with(voicerooms_contract::now_ms);
-                        this.latency
-                            .observe(now.saturating_sub(received_at) as f64 / 1000.0);
-                    }
-                }
-                Out::Ping => Parser::write_message(&mut buf, b"", OpCode::Ping, true, false),
                 Out::Close(code, why) => {
                     Parser::write_close(&mut buf, Some(reason(code, close_reason(why))), false);
                     closed = true;
                     break;
                 }
+            };
+            written = written.saturating_add(frame.len());
+            if overflowed {
+                continue;
+            }
+            Parser::write_message(&mut buf, frame.as_bytes(), OpCode::Text, true, false);
+            if let Some(received_at) = received_at {
+                let now = *now.get_or_insert_with(voicerooms_contract::now_ms);
+                this.latency
+                    .observe(now.saturating_sub(received_at) as f64 / 1000.0);
             }
         }
         state.queued = state.queued.saturating_sub(written);
