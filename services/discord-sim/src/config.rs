@@ -50,6 +50,9 @@ pub struct OAuthConfig {
     pub code_lifetime: Duration,
     pub access_token_lifetime: Duration,
     pub refresh_token_lifetime: Duration,
+    /// Most authorization codes, access tokens and refresh tokens kept, each (the oldest goes
+    /// first when full).
+    pub max_grants: usize,
 }
 
 impl Default for OAuthConfig {
@@ -61,6 +64,7 @@ impl Default for OAuthConfig {
             code_lifetime: Duration::from_secs(600),
             access_token_lifetime: Duration::from_secs(604_800),
             refresh_token_lifetime: Duration::from_secs(30 * 86_400),
+            max_grants: 200_000,
         }
     }
 }
@@ -318,6 +322,12 @@ impl SimConfig {
                 "OAUTH__REFRESH_TOKEN_LIFETIME_SECS" => {
                     c.oauth.refresh_token_lifetime = secs(&value).map_err(|_| bad(()))?
                 }
+                "OAUTH__MAX_GRANTS" => {
+                    c.oauth.max_grants = match value.parse() {
+                        Ok(n) if n > 0 => n,
+                        _ => return Err(bad(())),
+                    }
+                }
                 _ => return Err(ConfigError::Unknown(key.clone())),
             }
         }
@@ -350,6 +360,11 @@ mod tests {
         assert!(
             SimConfig::from_vars([("DISCORD_SIM__WORKERS".to_owned(), "x".to_owned())]).is_err()
         );
+        assert!(SimConfig::from_vars([(
+            "DISCORD_SIM__OAUTH__MAX_GRANTS".to_owned(),
+            "0".to_owned()
+        )])
+        .is_err());
     }
 
     #[test]
@@ -367,6 +382,7 @@ mod tests {
             c.oauth.refresh_token_lifetime,
             d.oauth.refresh_token_lifetime
         );
+        assert_eq!(c.oauth.max_grants, d.oauth.max_grants);
         assert_eq!(c.allowed_privileged_intents, d.allowed_privileged_intents);
     }
 }

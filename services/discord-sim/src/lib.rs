@@ -109,7 +109,7 @@ impl Simulator {
             log: Mutex::new(log::EventLog::new(config.log_capacity)),
             faults: Mutex::new(state::Faults::default()),
             limiter: Mutex::new(ratelimit::RateLimiter::new(config.rate_limits.clone())),
-            oauth: Mutex::new(oauth::OAuthState::default()),
+            oauth: Mutex::new(oauth::OAuthState::new(config.oauth.max_grants)),
             rng: Mutex::new(rng),
             next_conn: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),

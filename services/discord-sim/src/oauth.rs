@@ -1,7 +1,7 @@
 //! OAuth2: the authorize redirect, the token endpoint (authorization_code and refresh_token
 //! grants, PKCE, client authentication by Basic auth or body), revocation and bearer lookups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,9 +14,6 @@ use sha2::Digest;
 use crate::log::SimEventKind;
 use crate::state::{lock, Sim};
 use crate::util::instant_after;
-
-/// Most codes / tokens kept at once (expired ones go first).
-const MAX_GRANTS: usize = 10_000;
 
 struct CodeGrant {
     user_id: u64,
@@ -41,29 +38,115 @@ struct RefreshGrant {
     access: String,
 }
 
-#[derive(Default)]
+/// Something with an expiry, kept in a [`Grants`] store.
+trait Expiring {
+    fn expires(&self) -> Instant;
+}
+
+impl Expiring for CodeGrant {
+    fn expires(&self) -> Instant {
+        self.expires
+    }
+}
+
+impl Expiring for AccessGrant {
+    fn expires(&self) -> Instant {
+        self.expires
+    }
+}
+
+impl Expiring for RefreshGrant {
+    fn expires(&self) -> Instant {
+        self.expires
+    }
+}
+
+/// Codes or tokens by key, at most `capacity` (`DISCORD_SIM__OAUTH__MAX_GRANTS`) at once.
+///
+/// Full, it makes room by dropping the **oldest** grant: grants of one kind share a lifetime, so
+/// the oldest is the first to expire (or already expired), and a grant just handed out is never
+/// the one dropped. Each insert also drops expired grants from the front, so expired grants do
+/// not pile up; the whole store is amortised O(1) per grant.
+struct Grants<V> {
+    map: HashMap<String, V>,
+    /// Keys in insertion order; may hold keys already removed (skipped, compacted when large).
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+impl<V: Expiring> Grants<V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn insert(&mut self, key: String, value: V, now: Instant) {
+        while let Some(front) = self.order.front() {
+            match self.map.get(front) {
+                Some(grant) if self.map.len() < self.capacity && now < grant.expires() => break,
+                _ => {
+                    if let Some(oldest) = self.order.pop_front() {
+                        self.map.remove(&oldest);
+                    }
+                }
+            }
+        }
+        self.map.insert(key.clone(), value);
+        self.order.push_back(key);
+        // Keys of grants removed by use or revocation stay in `order` until compacted here.
+        if self.order.len() > self.map.len().saturating_mul(2).max(64) {
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        self.map.get_mut(key)
+    }
+
+    fn remove(&mut self, key: &str) -> Option<V> {
+        self.map.remove(key)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.map.values_mut()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 pub struct OAuthState {
-    codes: HashMap<String, CodeGrant>,
-    access: HashMap<String, AccessGrant>,
-    refresh: HashMap<String, RefreshGrant>,
+    codes: Grants<CodeGrant>,
+    access: Grants<AccessGrant>,
+    refresh: Grants<RefreshGrant>,
     /// Control setting: who logs in at the next /oauth2/authorize.
     pub next_user: Option<u64>,
     /// Control setting: the next /oauth2/authorize answers with this error (e.g. access_denied).
     pub next_error: Option<String>,
 }
 
-fn make_room<V>(map: &mut HashMap<String, V>, expired: impl Fn(&V) -> bool) {
-    if map.len() >= MAX_GRANTS {
-        map.retain(|_, v| !expired(v));
-    }
-    if map.len() >= MAX_GRANTS {
-        if let Some(k) = map.keys().next().cloned() {
-            map.remove(&k);
+impl OAuthState {
+    /// Empty, keeping at most `max_grants` codes, access tokens and refresh tokens each.
+    pub fn new(max_grants: usize) -> Self {
+        Self {
+            codes: Grants::new(max_grants),
+            access: Grants::new(max_grants),
+            refresh: Grants::new(max_grants),
+            next_user: None,
+            next_error: None,
         }
     }
-}
 
-impl OAuthState {
     /// The user and scope behind a bearer token, if it is valid.
     pub fn bearer(&self, token: &str) -> Option<(u64, String)> {
         self.access
@@ -193,7 +276,7 @@ pub async fn authorize(
     let code = sim.random_token(30);
     {
         let mut o = lock(&sim.oauth);
-        make_room(&mut o.codes, |c| Instant::now() >= c.expires);
+        let now = Instant::now();
         o.codes.insert(
             code.clone(),
             CodeGrant {
@@ -201,9 +284,10 @@ pub async fn authorize(
                 redirect_uri: Some(redirect.clone()),
                 scope,
                 challenge,
-                expires: instant_after(Instant::now(), cfg.code_lifetime),
+                expires: instant_after(now, cfg.code_lifetime),
                 used: false,
             },
+            now,
         );
     }
     sim.record(SimEventKind::Oauth {
@@ -256,8 +340,6 @@ fn issue(sim: &Sim, o: &mut OAuthState, user_id: u64, scope: &str) -> Value {
     let refresh = sim.random_token(30);
     let cfg = &sim.config.oauth;
     let now = Instant::now();
-    make_room(&mut o.access, |a| now >= a.expires);
-    make_room(&mut o.refresh, |r| now >= r.expires);
     o.access.insert(
         access.clone(),
         AccessGrant {
@@ -266,6 +348,7 @@ fn issue(sim: &Sim, o: &mut OAuthState, user_id: u64, scope: &str) -> Value {
             expires: instant_after(now, cfg.access_token_lifetime),
             refresh: refresh.clone(),
         },
+        now,
     );
     o.refresh.insert(
         refresh.clone(),
@@ -275,6 +358,7 @@ fn issue(sim: &Sim, o: &mut OAuthState, user_id: u64, scope: &str) -> Value {
             expires: instant_after(now, cfg.refresh_token_lifetime),
             access: access.clone(),
         },
+        now,
     );
     json!({
         "access_token": access,
@@ -445,5 +529,71 @@ mod tests {
             with_query("http://a/cb?x=1", &[("code", "z")]),
             "http://a/cb?x=1&code=z"
         );
+    }
+
+    struct Plain(Instant);
+
+    impl Expiring for Plain {
+        fn expires(&self) -> Instant {
+            self.0
+        }
+    }
+
+    /// Before: a full store removed `keys().next()` of a HashMap, in practice often a grant just
+    /// issued, so logins past 10,000 failed at the callback.
+    #[test]
+    fn a_full_store_drops_the_oldest_grant_never_the_newest() {
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(600);
+        let mut grants = Grants::new(100);
+        for i in 0..250 {
+            grants.insert(format!("k{i}"), Plain(later), now);
+            assert!(grants.get(&format!("k{i}")).is_some(), "k{i} just issued");
+            assert!(grants.len() <= 100);
+        }
+        assert_eq!(grants.len(), 100);
+        assert!(grants.get("k149").is_none());
+        assert!((150..250).all(|i| grants.get(&format!("k{i}")).is_some()));
+    }
+
+    #[test]
+    fn expired_grants_at_the_front_go_before_the_store_is_full() {
+        let now = Instant::now();
+        let mut grants = Grants::new(100);
+        grants.insert("old".into(), Plain(now), now);
+        grants.insert(
+            "live".into(),
+            Plain(now + std::time::Duration::from_secs(5)),
+            now,
+        );
+        grants.insert(
+            "new".into(),
+            Plain(now + std::time::Duration::from_secs(5)),
+            now,
+        );
+        assert!(
+            grants.get("old").is_none(),
+            "expired (valid while now < expires)"
+        );
+        assert_eq!(grants.len(), 2);
+    }
+
+    #[test]
+    fn removed_keys_do_not_evict_live_grants_and_the_order_stays_bounded() {
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(600);
+        let mut grants = Grants::new(10);
+        for i in 0..10_000 {
+            grants.insert(format!("k{i}"), Plain(later), now);
+            if i % 2 == 0 {
+                assert!(grants.remove(&format!("k{i}")).is_some());
+            }
+            assert!(grants.order.len() <= 64.max(2 * grants.len()) + 2);
+        }
+        // Only odd keys remain: the ten newest of them.
+        assert_eq!(grants.len(), 10);
+        assert!((9_980..10_000)
+            .filter(|i| i % 2 == 1)
+            .all(|i| grants.get(&format!("k{i}")).is_some()));
     }
 }
