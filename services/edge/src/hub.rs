@@ -245,46 +245,8 @@ struct CatchUp {
     /// position: it showed them as a member).
     auth_from: u64,
     items: Vec<Item>,
-    /// Every event of the room up to this is in `items` (the room's last event, or the stream's
-    /// last sequence when read).
+    /// The room's last stored event when read.
     end: u64,
-}
-
-/// Where a read of a room's events stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// The room's last stored event.
-    Room(u64),
-    /// The stream's last sequence (the room's last event is at or before it).
-    Stream(u64),
-}
-
-impl End {
-    fn seq(self) -> u64 {
-        match self {
-            End::Room(seq) | End::Stream(seq) => seq,
-        }
-    }
-}
-
-/// Whether a nats-server of this version answers a wildcard last-by-subject get from its subject
-/// index (2.10.17 and later); unknown versions count as older (the other read is correct too).
-fn indexed_last_get(version: &str) -> bool {
-    let mut parts = version.split('.').map(|part| {
-        part.chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse::<u64>()
-            .ok()
-    });
-    match (
-        parts.next().flatten(),
-        parts.next().flatten(),
-        parts.next().flatten(),
-    ) {
-        (Some(major), Some(minor), Some(patch)) => (major, minor, patch) >= (2, 10, 17),
-        _ => false,
-    }
 }
 
 enum Repaired {
@@ -486,29 +448,6 @@ impl Inner {
         Ok(pos)
     }
 
-    /// Where a read of the room's events stops: every event of the room up to it is read; later
-    /// ones were stored after the live interest was taken (`pos` was read after it) and come
-    /// live.
-    ///
-    /// The room's own last sequence is a wildcard last-by-subject get. nats-server answers it
-    /// from its subject index since 2.10.17 (nats-server#5546: ~0.15 ms at 150,000 stored
-    /// events), but older servers scan the stream backwards until the room's last event (6-19 ms
-    /// on Debian's 2.9.10; docs/BENCHMARKS.md), 3-5× the cost of the forward scan from the
-    /// snapshot that finds nothing after it. So on those the stream's end stands in for the
-    /// room's and the read goes forward.
-    async fn room_end(
-        &self,
-        guild: GuildId,
-        room: RoomId,
-        pos: StreamPos,
-    ) -> Result<End, ReadError> {
-        if indexed_last_get(&self.nats.server_info().version) {
-            Ok(End::Room(self.last_room_seq(guild, room).await?))
-        } else {
-            Ok(End::Stream(pos.last))
-        }
-    }
-
     /// Sequence of the room's last stored event (0: none).
     async fn last_room_seq(&self, guild: GuildId, room: RoomId) -> Result<u64, ReadError> {
         let stream = self
@@ -543,22 +482,13 @@ impl Inner {
 
     /// The room's stored events in `(after, end]`, bounded by `replay_max_bytes` and
     /// `replay_limit` (else [`ReadError::TooMuch`]).
-    ///
-    /// With [`End::Stream`] the room's own last sequence is not known: the read goes forward
-    /// until nothing of the room is left (one next-by-subject read when nothing is), and only a
-    /// gap of more than [`SINGLE_READS`] events asks for the room's last sequence, to know where
-    /// its consumer read stops.
     async fn read_room(
         &self,
         guild: GuildId,
         room: RoomId,
         after: u64,
-        end: End,
+        end: u64,
     ) -> Result<Vec<Item>, ReadError> {
-        let (end, room_end_known) = match end {
-            End::Room(end) => (end, true),
-            End::Stream(end) => (end, false),
-        };
         let mut out = Collected {
             inner: self,
             room,
@@ -601,10 +531,6 @@ impl Inner {
                 Ok(Err(e)) => return Err(ReadError::Nats(format!("next event: {e}"))),
                 Err(_) => return Err(ReadError::Nats("next event: timed out".into())),
             };
-            if message.sequence > end {
-                // Stored after `end`: it comes live.
-                return Ok(out.items);
-            }
             out.push(message.sequence, &message.subject, &message.payload)?;
             if message.sequence >= end {
                 return Ok(out.items);
@@ -615,16 +541,7 @@ impl Inner {
             };
         }
         // Larger: an ordered consumer from the cursor. nats-server 2.9 can under-report a new
-        // consumer's `num_pending`, so the read stops at the room's last event (at or before
-        // `end`) rather than after a count.
-        let end = if room_end_known {
-            end
-        } else {
-            end.min(self.last_room_seq(guild, room).await?)
-        };
-        if cursor > end {
-            return Ok(out.items);
-        }
+        // consumer's `num_pending`, so the read stops at `end` rather than after a count.
         let consumer = self
             .budget
             .call(
@@ -683,7 +600,7 @@ impl Inner {
             Err(ReadError::Nats(e)) => return Err(unavailable(e)),
             Err(ReadError::TooMuch) => return Err(unavailable("too much".into())),
         };
-        let end = match self.room_end(guild, room, pos).await {
+        let end = match self.last_room_seq(guild, room).await {
             Ok(end) => end,
             Err(ReadError::Nats(e)) => return Err(unavailable(e)),
             Err(ReadError::TooMuch) => return Err(unavailable("too much".into())),
@@ -719,7 +636,7 @@ impl Inner {
                         start: since,
                         auth_from: view_start,
                         items,
-                        end: end.seq(),
+                        end,
                     })
                 }
                 Err(ReadError::TooMuch) => {
@@ -736,7 +653,7 @@ impl Inner {
                 start: view_start,
                 auth_from: view_start,
                 items,
-                end: end.seq(),
+                end,
             }),
             Err(ReadError::TooMuch) => Err(ApiError::new(
                 ErrorCode::Timeout,
@@ -759,7 +676,10 @@ impl Inner {
         if epoch.is_some_and(|e| e != pos.epoch) {
             return Ok(Repaired::EpochChanged(pos.epoch));
         }
-        let end = self.room_end(guild, room, pos).await?;
+        let end = self.last_room_seq(guild, room).await?;
+        if end <= after {
+            return Ok(Repaired::Events(Vec::new()));
+        }
         match self.read_room(guild, room, after, end).await {
             Ok(items) => Ok(Repaired::Events(items)),
             Err(ReadError::TooMuch) => Ok(Repaired::TooMuch),
@@ -1762,24 +1682,6 @@ mod tests {
             Some(EndReason::RoomDeleted)
         ));
         assert!(ended_by(&member, Revokes::Nobody).is_none());
-    }
-
-    #[test]
-    fn the_last_get_is_trusted_to_the_index_from_nats_server_2_10_17() {
-        for (version, indexed) in [
-            ("2.9.10", false),
-            ("2.10.16", false),
-            ("2.10.17", true),
-            ("2.10.17-RC.1", true),
-            ("2.11.0", true),
-            ("2.15.1", true),
-            ("3.0.0", true),
-            ("", false),
-            ("2.x", false),
-            ("garbage", false),
-        ] {
-            assert_eq!(indexed_last_get(version), indexed, "{version}");
-        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use voicerooms_contract::event::{
@@ -350,108 +349,4 @@ async fn a_hostile_since_does_not_kill_the_room_for_others() {
     assert_eq!(ack["event"], "subscribed", "{ack}");
     let live = world.voice(56, &alice, true).await;
     assert_eq!(seqs(&honest.events(1).await), vec![live]);
-}
-
-/// On nats-server before 2.10.17 a subscribe reads the room forward from its snapshot up to the
-/// stream's end; the room's last sequence (a wildcard last-by-subject get, which those servers
-/// answer by scanning the stream backwards: 6-19 ms against 2-3.5 ms for the forward read at
-/// 150,000 stored events, docs/BENCHMARKS.md) is asked only when more than a few events are
-/// missing and a consumer has to read them. Before, every subscribe asked it. Newer servers
-/// answer it from their subject index, so there it stays one per subscribe.
-#[tokio::test]
-async fn a_subscribe_asks_the_rooms_last_sequence_only_for_a_long_catch_up() {
-    let nats = NatsServer::start().await;
-    let world = World::new(&nats).await;
-    let edge = TestEdge::start(settings(&nats)).await;
-    let alice = user(1);
-    // Rooms 60..70 with a current snapshot, 70 two events behind, 71 eight events behind.
-    let mut expected = std::collections::HashMap::new();
-    for room in 60..72u64 {
-        let last = world.voice_burst(room, &alice, 3).await;
-        let behind = match room {
-            70 => 2,
-            71 => 8,
-            _ => 0,
-        };
-        let mut missing = Vec::new();
-        for i in 0..behind {
-            missing.push(world.voice(room, &alice, i % 2 == 0).await);
-        }
-        world
-            .put_room(room, std::slice::from_ref(&alice), last)
-            .await;
-        expected.insert(room, missing);
-    }
-    // Another room's events after them all: the stream's end is not any of these rooms' end.
-    world.voice_burst(99, &alice, 5).await;
-
-    // Every JetStream API request crosses the server on `$JS.API.>`.
-    let observer = nats.client().await;
-    let mut api = observer.subscribe("$JS.API.>").await.unwrap();
-    observer.flush().await.unwrap();
-
-    let cookie = edge.login(&alice, 60_000).await;
-    let mut client = Client::authed(&edge.ws_url(), &cookie).await;
-    for room in 60..72u64 {
-        let ack = client.subscribe(room, None).await;
-        assert_eq!(ack["event"], "subscribed", "{ack}");
-        let missing = &expected[&room];
-        assert_eq!(
-            ack["payload"]["replayed"],
-            missing.len(),
-            "room {room}: {ack}"
-        );
-        let events = client.events(missing.len()).await;
-        assert_eq!(
-            &seqs(&events),
-            missing,
-            "room {room}: the missing events, in order"
-        );
-    }
-    // Live after the catch-up: the next event of each room arrives once.
-    let mut live = Vec::new();
-    for room in 60..72u64 {
-        live.push(world.voice(room, &alice, true).await);
-    }
-    assert_eq!(seqs(&client.events(live.len()).await), live);
-
-    let mut requests = Vec::new();
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), api.next()).await
-    {
-        requests.push(format!(
-            "{} {}",
-            message.subject,
-            String::from_utf8_lossy(&message.payload)
-        ));
-    }
-    // A last-by-subject get of the ROOMS stream, as a request body or a direct-get subject.
-    let last_gets: Vec<_> = requests
-        .iter()
-        .filter(|r| {
-            (r.contains(".GET.ROOMS ") && r.contains("last_by_subj"))
-                || r.starts_with("$JS.API.DIRECT.GET.ROOMS.")
-        })
-        .collect();
-    let version = observer.server_info().version;
-    let numbers: Vec<u64> = version
-        .split('.')
-        .map(|p| {
-            p.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .unwrap_or(0)
-        })
-        .collect();
-    if numbers < vec![2, 10, 17] {
-        assert_eq!(
-            last_gets.len(),
-            1,
-            "nats-server {version}: only room 71's catch-up (8 events, read by a consumer) asks \
-             the room's last sequence: {last_gets:?} of {requests:?}"
-        );
-        assert!(last_gets[0].contains(".71."), "{last_gets:?}");
-    } else {
-        assert_eq!(last_gets.len(), 12, "nats-server {version}: {requests:?}");
-    }
 }
