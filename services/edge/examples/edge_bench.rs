@@ -8,6 +8,7 @@
 //! target/release/examples/edge_bench fanout --rooms 20 --clients 2000 --rate 3000 --seconds 10   # throughput
 //! target/release/examples/edge_bench slow --rooms 5 --clients 50 --rate 1000 --seconds 20
 //! target/release/examples/edge_bench churn --connections 19000 --rounds 6 --settle 10
+//! target/release/examples/edge_bench reads --rooms 25000 --rounds 6   # a subscribe's stream reads
 //! ```
 //!
 //! `EDGE_BIN` runs another edge binary (e.g. a copy of the previous build, for side-by-side
@@ -94,7 +95,7 @@ fn parse_args() -> Args {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: bench idle|fanout|slow|churn [--connections N] [--rooms N] [--clients N] [--rate EV/S] [--seconds S] [--workers N] [--rounds N] [--settle S]");
+    eprintln!("usage: bench idle|fanout|slow|churn|reads [--connections N] [--rooms N] [--clients N] [--rate EV/S] [--seconds S] [--workers N] [--rounds N] [--settle S]");
     std::process::exit(2)
 }
 
@@ -703,6 +704,81 @@ async fn slow(args: Args) {
     recorder_run(true, &args).await;
 }
 
+/// What one read of a subscribe costs the server: `--rounds` events in each of `--rooms` rooms
+/// (round-robin, as rooms live side by side), then timed one at a time: the room's last event
+/// (a wildcard last-by-subject get, as a subscribe asked it on every server before) and the
+/// forward read from just after the room's last event that finds nothing (what a subscribe with
+/// a current snapshot asks on nats-server before 2.10.17). "early rooms" are the first tenth:
+/// their last event is furthest from the stream's end. `NATS_SERVER_BIN` picks the server.
+async fn reads(args: Args) {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    use rand::Rng;
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_rooms_stream(&js, &Default::default()).await.unwrap();
+    let stream = js.get_stream("ROOMS").await.unwrap();
+    let rooms = args.rooms.max(10) as u64;
+    let started = Instant::now();
+    let mut last = vec![0u64; rooms as usize];
+    let mut acks = Vec::new();
+    for round in 0..args.rounds as u64 {
+        for room in 0..rooms {
+            let event = event_for(1 + room, round);
+            acks.push((
+                room,
+                js.publish(event.subject(), event.encode().into())
+                    .await
+                    .unwrap(),
+            ));
+            if acks.len() >= 2_000 {
+                for (room, ack) in acks.drain(..) {
+                    last[room as usize] = ack.await.unwrap().sequence;
+                }
+            }
+        }
+    }
+    for (room, ack) in acks.drain(..) {
+        last[room as usize] = ack.await.unwrap().sequence;
+    }
+    eprintln!(
+        "nats-server {}: {} events stored over {rooms} rooms in {:.1} s",
+        client.server_info().version,
+        rooms * args.rounds as u64,
+        started.elapsed().as_secs_f64()
+    );
+    let filter = |room: u64| format!("rooms.{GUILD}.{}.>", 1 + room);
+    const N: usize = 300;
+    for (label, pick) in [("early rooms", rooms / 10), ("any room", rooms)] {
+        let picks: Vec<u64> = (0..N)
+            .map(|_| rand::rng().random_range(0..pick.max(1)))
+            .collect();
+        let started = Instant::now();
+        for &room in &picks {
+            let message = stream
+                .get_last_raw_message_by_subject(&filter(room))
+                .await
+                .unwrap();
+            assert_eq!(message.sequence, last[room as usize]);
+        }
+        let last_get = started.elapsed().as_secs_f64() * 1000.0 / N as f64;
+        let started = Instant::now();
+        for &room in &picks {
+            match stream
+                .get_first_raw_message_by_subject(&filter(room), last[room as usize] + 1)
+                .await
+            {
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                other => panic!("expected nothing after the room's last event: {other:?}"),
+            }
+        }
+        let forward = started.elapsed().as_secs_f64() * 1000.0 / N as f64;
+        eprintln!(
+            "{label}: last-by-subject {last_get:.2} ms, forward read finding nothing {forward:.2} ms (mean of {N})"
+        );
+    }
+}
+
 fn main() {
     let args = parse_args();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -716,6 +792,7 @@ fn main() {
             "fanout" => fanout(args, true).await,
             "slow" => slow(args).await,
             "churn" => churn(args).await,
+            "reads" => reads(args).await,
             _ => usage(),
         }
     });
