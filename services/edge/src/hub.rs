@@ -11,7 +11,12 @@
 //!   the newcomer (bounded). When the read is done the pump queues `ack subscribed`, the read
 //!   events and the kept ones, skipping duplicates, and the newcomer goes live. A catch-up that
 //!   would pass `replay_max_bytes` (or `replay_limit` events) becomes a fresh snapshot
-//!   (`recovered: false`), never a partial replay and never more than the client's queue holds;
+//!   (`recovered: false`), never a partial replay and never more than the client's queue holds.
+//!   A pump that already knows the answer skips the read: primed by an earlier catch-up in this
+//!   epoch, its live feed trusted, and the newcomer's snapshot of the same epoch at or past every
+//!   event the pump has seen (`Pump::catch_up_in_memory`). Subscribes that arrive while the
+//!   first read of an unprimed pump is in flight wait for it (parked) instead of reading the
+//!   same again;
 //! - **epochs**: sequences belong to one incarnation of the `ROOMS` stream (its creation time).
 //!   A `since` from another epoch, beyond the stream's end, or older than what it keeps gets a
 //!   snapshot; when the stream is recreated under live subscribers they are asked to resubscribe;
@@ -872,6 +877,8 @@ impl Hub {
             stale_generation: 0,
             stale_since: Instant::now(),
             repairing: false,
+            primed: false,
+            seen_through: 0,
             clean_exit: false,
         };
         self.inner.spawn(pump.run(rx, live));
@@ -918,6 +925,9 @@ struct Pending {
     /// The live feed may have lost something (or the buffer overflowed) meanwhile: read again.
     tainted: bool,
     attempts: u32,
+    /// Waiting for another subscriber's read, which primes the pump, instead of reading the
+    /// same again (no read of its own in flight).
+    parked: bool,
 }
 
 /// Most catch-up reads for one subscribe (each is redone when the live feed had a gap meanwhile).
@@ -947,6 +957,12 @@ struct Pump {
     /// When the feed was last marked stale: the repair reads the stream after this.
     stale_since: Instant,
     repairing: bool,
+    /// A catch-up has completed in this epoch since the pump started (or since a hole it could
+    /// not repair): every event of the room up to `seen_through` has passed through the pump,
+    /// and every later one comes live while the feed is trusted.
+    primed: bool,
+    /// The highest sequence of this room's events the pump has read or delivered.
+    seen_through: u64,
     /// Whether the pump ended normally (else its drop tells subscribers to resubscribe).
     clean_exit: bool,
 }
@@ -1133,9 +1149,88 @@ impl Pump {
             buffered_bytes: 0,
             tainted: false,
             attempts: 1,
+            parked: false,
         };
+        if let Some(catch_up) = self.catch_up_in_memory(&pending.snapshot, pending.since) {
+            let id = pending.sub.id;
+            self.pending.insert(conn, pending);
+            self.caught_up_one(conn, id, Ok(catch_up));
+            return;
+        }
+        // Another subscriber's read is in flight and will prime the pump (a burst of subscribes
+        // to one room, e.g. its clients coming back after an edge restart): wait for it rather
+        // than read the same again. A snapshot without an epoch cannot be answered from memory.
+        let reading = self
+            .pending
+            .iter()
+            .any(|(other, p)| *other != conn && !p.parked);
+        if !self.primed && reading && pending.snapshot.epoch.is_some() {
+            let mut pending = pending;
+            pending.parked = true;
+            self.pending.insert(conn, pending);
+            return;
+        }
         self.start_catch_up(&pending);
         self.pending.insert(conn, pending);
+    }
+
+    /// Parked subscribers go on once no read that would prime the pump is in flight: from
+    /// memory where the pump now knows the answer, else with a read of their own.
+    fn release_parked(&mut self) {
+        let reading = self.pending.values().any(|p| !p.parked);
+        if !self.primed && reading {
+            return;
+        }
+        let parked: Vec<ConnId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.parked)
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in parked {
+            let Some(pending) = self.pending.get_mut(&conn) else {
+                continue;
+            };
+            pending.parked = false;
+            let (id, snapshot, since) = (pending.sub.id, pending.snapshot.clone(), pending.since);
+            if let Some(catch_up) = self.catch_up_in_memory(&snapshot, since) {
+                self.caught_up_one(conn, id, Ok(catch_up));
+            } else if let Some(pending) = self.pending.get(&conn) {
+                self.start_catch_up(pending);
+            }
+        }
+    }
+
+    /// A catch-up without reading the stream, when the pump already knows its answer: the pump
+    /// is primed and its live feed trusted, and the snapshot is at or past every event of the
+    /// room the pump has seen, so nothing between the snapshot and the live feed can be missing
+    /// (anything later comes live and is delivered after the snapshot's sequence). A `since`
+    /// is taken only when it equals the snapshot's sequence; anything else reads the stream.
+    fn catch_up_in_memory(&self, snapshot: &RoomSnapshot, since: Option<Since>) -> Option<CatchUp> {
+        if !self.primed || self.stale.is_some() || self.repairing {
+            return None;
+        }
+        let epoch = self.epoch?;
+        if *self.inner.epoch.borrow() != Some(epoch) || snapshot.epoch != Some(epoch) {
+            return None;
+        }
+        let view_seq = snapshot.view.seq;
+        if view_seq < self.seen_through {
+            return None;
+        }
+        let recovered = match since {
+            None => false,
+            Some(s) if s.epoch == Some(epoch) && s.seq == view_seq => true,
+            Some(_) => return None,
+        };
+        Some(CatchUp {
+            epoch,
+            recovered,
+            start: view_seq,
+            auth_from: view_seq,
+            items: Vec::new(),
+            end: view_seq,
+        })
     }
 
     fn start_catch_up(&self, pending: &Pending) {
@@ -1157,8 +1252,14 @@ impl Pump {
         });
     }
 
-    /// A catch-up read finished: queue the ack, the events and what arrived live meanwhile.
+    /// A catch-up read finished: its subscriber goes live, then the subscribers parked behind it.
     fn caught_up(&mut self, conn: ConnId, id: u64, result: Result<CatchUp, ApiError>) {
+        self.caught_up_one(conn, id, result);
+        self.release_parked();
+    }
+
+    /// Queues the ack, the events and what arrived live meanwhile.
+    fn caught_up_one(&mut self, conn: ConnId, id: u64, result: Result<CatchUp, ApiError>) {
         let Some(mut pending) = self.pending.remove(&conn) else {
             return;
         };
@@ -1201,6 +1302,11 @@ impl Pump {
             self.start_catch_up(&pending);
             self.pending.insert(conn, pending);
             return;
+        }
+        // Every event of the room up to `end` was read, and later ones come live.
+        self.seen_through = self.seen_through.max(catch_up.end);
+        if self.stale.is_none() && !self.repairing {
+            self.primed = true;
         }
         let sub = pending.sub;
         let mut last = catch_up.start;
@@ -1302,6 +1408,8 @@ impl Pump {
         self.epoch = Some(epoch);
         self.last_seq = 0;
         self.last_by_kind.clear();
+        self.primed = false;
+        self.seen_through = 0;
     }
 
     fn on_live(&mut self, message: async_nats::Message) {
@@ -1386,6 +1494,7 @@ impl Pump {
             }
         }
         self.last_seq = self.last_seq.max(item.seq);
+        self.seen_through = self.seen_through.max(item.seq);
         self.last_by_kind.insert(item.kind, item.seq);
         self.inner.metrics.messages_out.inc_by(sent);
         self.inner.metrics.events_in.inc();
@@ -1448,6 +1557,8 @@ impl Pump {
                 self.inner.metrics.repairs.inc();
                 tracing::error!(room = %self.room, why, "gap too large to repair; asking clients to resubscribe");
                 self.end_all(EndReason::Resubscribe);
+                // The gap was skipped: only a catch-up read from the stream primes the pump again.
+                self.primed = false;
             }
             Ok(Repaired::EpochChanged(epoch)) => self.reset_epoch(epoch),
             Err(e) => {
@@ -1605,6 +1716,8 @@ mod tests {
             stale_generation: 0,
             stale_since: Instant::now(),
             repairing: false,
+            primed: false,
+            seen_through: 0,
             clean_exit: false,
         }
     }

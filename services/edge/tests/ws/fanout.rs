@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use voicerooms_contract::event::{
@@ -349,4 +350,150 @@ async fn a_hostile_since_does_not_kill_the_room_for_others() {
     assert_eq!(ack["event"], "subscribed", "{ack}");
     let live = world.voice(56, &alice, true).await;
     assert_eq!(seqs(&honest.events(1).await), vec![live]);
+}
+
+/// JetStream API requests that concern the `ROOMS` stream (stream info, message gets, consumers)
+/// seen on `$JS.API.>` until it has been quiet for 300 ms.
+async fn rooms_stream_requests(api: &mut async_nats::Subscriber) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(300), api.next()).await
+    {
+        let subject = message.subject.to_string();
+        if subject.ends_with(".ROOMS") || subject.contains(".ROOMS.") {
+            seen.push(format!(
+                "{subject} {}",
+                String::from_utf8_lossy(&message.payload)
+            ));
+        }
+    }
+    seen
+}
+
+/// A room already followed on this edge, whose snapshot is current (at or past every event the
+/// room's pump has seen, in the same stream epoch), is subscribed to without reading the stream:
+/// only the room's state is read. A snapshot behind the pump still reads the stream, and every
+/// subscriber gets each later event once. Before, every subscribe read the stream's info and the
+/// room's last event.
+#[tokio::test]
+async fn a_second_subscriber_with_a_current_snapshot_is_served_without_stream_reads() {
+    let nats = NatsServer::start().await;
+    let world = World::new(&nats).await;
+    let edge = TestEdge::start(settings(&nats)).await;
+    let alice = user(1);
+    let first = world.voice(80, &alice, true).await;
+    let last = world.voice(80, &alice, false).await;
+    let view = world.put_room(80, std::slice::from_ref(&alice), last).await;
+    let cookie = edge.login(&alice, 60_000).await;
+
+    // The first subscriber primes the room's pump (its snapshot carries no epoch: read path).
+    let mut a = Client::authed(&edge.ws_url(), &cookie).await;
+    let ack = a.subscribe(80, None).await;
+    assert_eq!(ack["event"], "subscribed", "{ack}");
+    let epoch = ack["payload"]["epoch"].as_str().unwrap().to_owned();
+    // room-manager's record: the view with the stream epoch it belongs to.
+    let put = |seq: u64| {
+        let mut record = serde_json::to_value(&view).unwrap();
+        record["seq"] = json!(seq);
+        record["stream_epoch"] = json!(epoch);
+        let rooms = world.rooms.clone();
+        async move {
+            rooms
+                .put("80", serde_json::to_vec(&record).unwrap().into())
+                .await
+                .unwrap();
+        }
+    };
+    put(last).await;
+
+    let observer = nats.client().await;
+    let mut api = observer.subscribe("$JS.API.>").await.unwrap();
+    observer.flush().await.unwrap();
+
+    let mut b = Client::authed(&edge.ws_url(), &cookie).await;
+    let ack = b.subscribe(80, None).await;
+    assert_eq!(ack["event"], "subscribed", "{ack}");
+    assert_eq!(ack["payload"]["recovered"], false);
+    assert_eq!(ack["payload"]["seq"], last);
+    assert_eq!(ack["payload"]["epoch"], epoch.as_str());
+    let mut c = Client::authed(&edge.ws_url(), &cookie).await;
+    let ack = c.subscribe_at(80, Some(last), Some(epoch.as_str())).await;
+    assert_eq!(ack["payload"]["recovered"], true, "{ack}");
+    assert_eq!(ack["payload"]["replayed"], 0, "{ack}");
+    let reads = rooms_stream_requests(&mut api).await;
+    assert!(
+        reads.is_empty(),
+        "current snapshots are served from the pump: {reads:?}"
+    );
+
+    // A snapshot behind the pump reads the stream and gets the event it lacks.
+    put(first).await;
+    let mut d = Client::authed(&edge.ws_url(), &cookie).await;
+    let ack = d.subscribe(80, None).await;
+    assert_eq!(ack["payload"]["seq"], first, "{ack}");
+    assert_eq!(ack["payload"]["replayed"], 1, "{ack}");
+    assert_eq!(seqs(&d.events(1).await), vec![last]);
+    let reads = rooms_stream_requests(&mut api).await;
+    assert!(
+        !reads.is_empty(),
+        "a snapshot behind the pump reads the stream"
+    );
+
+    // Live: each subscriber gets the next events once, in order.
+    let next = vec![
+        world.voice(80, &alice, true).await,
+        world.voice(80, &alice, false).await,
+    ];
+    for client in [&mut a, &mut b, &mut c, &mut d] {
+        assert_eq!(seqs(&client.events(2).await), next);
+    }
+}
+
+/// A burst of subscribes to one room (its clients coming back at once) reads the stream once:
+/// the others wait for that read and are answered from the pump it primed. Each then gets every
+/// later event once. Before, each subscribe read the stream's info and the room's last event.
+#[tokio::test]
+async fn a_burst_of_subscribes_to_one_room_reads_the_stream_once() {
+    let nats = NatsServer::start().await;
+    let world = World::new(&nats).await;
+    let edge = TestEdge::start(settings(&nats)).await;
+    let alice = user(1);
+    let cookie = edge.login(&alice, 60_000).await;
+    // The stream's epoch, as room-manager records it with each room.
+    world.put_room(90, std::slice::from_ref(&alice), 0).await;
+    let mut probe = Client::authed(&edge.ws_url(), &cookie).await;
+    let epoch = probe.subscribe(90, None).await["payload"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let last = world.voice_burst(81, &alice, 3).await;
+    let view = world.put_room(81, std::slice::from_ref(&alice), last).await;
+    let mut record = serde_json::to_value(&view).unwrap();
+    record["stream_epoch"] = json!(epoch);
+    world
+        .rooms
+        .put("81", serde_json::to_vec(&record).unwrap().into())
+        .await
+        .unwrap();
+
+    let observer = nats.client().await;
+    let mut api = observer.subscribe("$JS.API.>").await.unwrap();
+    observer.flush().await.unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(Client::authed(&edge.ws_url(), &cookie).await);
+    }
+    let acks = futures::future::join_all(clients.iter_mut().map(|c| c.subscribe(81, None))).await;
+    for ack in &acks {
+        assert_eq!(ack["event"], "subscribed", "{ack}");
+        assert_eq!(ack["payload"]["seq"], last, "{ack}");
+    }
+    let reads = rooms_stream_requests(&mut api).await;
+    let last_gets = reads.iter().filter(|r| r.contains("last_by_subj")).count();
+    assert_eq!(last_gets, 1, "one read for 8 subscribes: {reads:?}");
+
+    let next = world.voice(81, &alice, true).await;
+    for client in &mut clients {
+        assert_eq!(seqs(&client.events(1).await), vec![next]);
+    }
 }
