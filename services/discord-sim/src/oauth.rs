@@ -38,29 +38,6 @@ struct RefreshGrant {
     access: String,
 }
 
-/// Something with an expiry, kept in a [`Grants`] store.
-trait Expiring {
-    fn expires(&self) -> Instant;
-}
-
-impl Expiring for CodeGrant {
-    fn expires(&self) -> Instant {
-        self.expires
-    }
-}
-
-impl Expiring for AccessGrant {
-    fn expires(&self) -> Instant {
-        self.expires
-    }
-}
-
-impl Expiring for RefreshGrant {
-    fn expires(&self) -> Instant {
-        self.expires
-    }
-}
-
 /// Codes or tokens by key, at most `capacity` (`DISCORD_SIM__OAUTH__MAX_GRANTS`) at once.
 ///
 /// Full, it makes room by dropping the **oldest** grant: grants of one kind share a lifetime, so
@@ -72,21 +49,26 @@ struct Grants<V> {
     /// Keys in insertion order; may hold keys already removed (skipped, compacted when large).
     order: VecDeque<String>,
     capacity: usize,
+    /// When a grant stops being valid (valid while `now < expires`).
+    expires: fn(&V) -> Instant,
 }
 
-impl<V: Expiring> Grants<V> {
-    fn new(capacity: usize) -> Self {
+impl<V> Grants<V> {
+    fn new(capacity: usize, expires: fn(&V) -> Instant) -> Self {
         Self {
             map: HashMap::new(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
+            expires,
         }
     }
 
     fn insert(&mut self, key: String, value: V, now: Instant) {
         while let Some(front) = self.order.front() {
             match self.map.get(front) {
-                Some(grant) if self.map.len() < self.capacity && now < grant.expires() => break,
+                Some(grant) if self.map.len() < self.capacity && now < (self.expires)(grant) => {
+                    break
+                }
                 _ => {
                     if let Some(oldest) = self.order.pop_front() {
                         self.map.remove(&oldest);
@@ -139,9 +121,9 @@ impl OAuthState {
     /// Empty, keeping at most `max_grants` codes, access tokens and refresh tokens each.
     pub fn new(max_grants: usize) -> Self {
         Self {
-            codes: Grants::new(max_grants),
-            access: Grants::new(max_grants),
-            refresh: Grants::new(max_grants),
+            codes: Grants::new(max_grants, |g| g.expires),
+            access: Grants::new(max_grants, |g| g.expires),
+            refresh: Grants::new(max_grants, |g| g.expires),
             next_user: None,
             next_error: None,
         }
@@ -533,19 +515,13 @@ mod tests {
 
     struct Plain(Instant);
 
-    impl Expiring for Plain {
-        fn expires(&self) -> Instant {
-            self.0
-        }
-    }
-
     /// Before: a full store removed `keys().next()` of a HashMap, in practice often a grant just
     /// issued, so logins past 10,000 failed at the callback.
     #[test]
     fn a_full_store_drops_the_oldest_grant_never_the_newest() {
         let now = Instant::now();
         let later = now + std::time::Duration::from_secs(600);
-        let mut grants = Grants::new(100);
+        let mut grants = Grants::new(100, |p: &Plain| p.0);
         for i in 0..250 {
             grants.insert(format!("k{i}"), Plain(later), now);
             assert!(grants.get(&format!("k{i}")).is_some(), "k{i} just issued");
@@ -559,7 +535,7 @@ mod tests {
     #[test]
     fn expired_grants_at_the_front_go_before_the_store_is_full() {
         let now = Instant::now();
-        let mut grants = Grants::new(100);
+        let mut grants = Grants::new(100, |p: &Plain| p.0);
         grants.insert("old".into(), Plain(now), now);
         grants.insert(
             "live".into(),
@@ -582,7 +558,7 @@ mod tests {
     fn removed_keys_do_not_evict_live_grants_and_the_order_stays_bounded() {
         let now = Instant::now();
         let later = now + std::time::Duration::from_secs(600);
-        let mut grants = Grants::new(10);
+        let mut grants = Grants::new(10, |p: &Plain| p.0);
         for i in 0..10_000 {
             grants.insert(format!("k{i}"), Plain(later), now);
             if i % 2 == 0 {
