@@ -353,12 +353,26 @@ async fn a_hostile_since_does_not_kill_the_room_for_others() {
 }
 
 /// JetStream API requests that concern the `ROOMS` stream (stream info, message gets, consumers)
-/// seen on `$JS.API.>` until it has been quiet for 300 ms.
-async fn rooms_stream_requests(api: &mut async_nats::Subscriber) -> Vec<String> {
+/// seen on `$JS.API.>` so far. Everything the edge asked before the client got its answer was
+/// handled by the server before this function's own marker request, so the observer sees it
+/// before the marker: the read stops there (no quiet-period guess).
+async fn rooms_stream_requests(
+    observer: &async_nats::Client,
+    api: &mut async_nats::Subscriber,
+) -> Vec<String> {
+    const MARKER: &str = "$JS.API.STREAM.INFO.TEST_MARKER";
+    // A stream that does not exist: the answer is an error, the request is what counts.
+    let _ = observer.request(MARKER, "".into()).await;
     let mut seen = Vec::new();
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(300), api.next()).await
-    {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), api.next())
+            .await
+            .expect("the marker request within 10 s")
+            .expect("the observer's subscription");
         let subject = message.subject.to_string();
+        if subject == MARKER {
+            return seen;
+        }
         if subject.ends_with(".ROOMS") || subject.contains(".ROOMS.") {
             seen.push(format!(
                 "{subject} {}",
@@ -366,7 +380,6 @@ async fn rooms_stream_requests(api: &mut async_nats::Subscriber) -> Vec<String> 
             ));
         }
     }
-    seen
 }
 
 /// A room already followed on this edge, whose snapshot is current (at or past every event the
@@ -419,7 +432,7 @@ async fn a_second_subscriber_with_a_current_snapshot_is_served_without_stream_re
     let ack = c.subscribe_at(80, Some(last), Some(epoch.as_str())).await;
     assert_eq!(ack["payload"]["recovered"], true, "{ack}");
     assert_eq!(ack["payload"]["replayed"], 0, "{ack}");
-    let reads = rooms_stream_requests(&mut api).await;
+    let reads = rooms_stream_requests(&observer, &mut api).await;
     assert!(
         reads.is_empty(),
         "current snapshots are served from the pump: {reads:?}"
@@ -432,7 +445,7 @@ async fn a_second_subscriber_with_a_current_snapshot_is_served_without_stream_re
     assert_eq!(ack["payload"]["seq"], first, "{ack}");
     assert_eq!(ack["payload"]["replayed"], 1, "{ack}");
     assert_eq!(seqs(&d.events(1).await), vec![last]);
-    let reads = rooms_stream_requests(&mut api).await;
+    let reads = rooms_stream_requests(&observer, &mut api).await;
     assert!(
         !reads.is_empty(),
         "a snapshot behind the pump reads the stream"
@@ -488,7 +501,7 @@ async fn a_burst_of_subscribes_to_one_room_reads_the_stream_once() {
         assert_eq!(ack["event"], "subscribed", "{ack}");
         assert_eq!(ack["payload"]["seq"], last, "{ack}");
     }
-    let reads = rooms_stream_requests(&mut api).await;
+    let reads = rooms_stream_requests(&observer, &mut api).await;
     let last_gets = reads.iter().filter(|r| r.contains("last_by_subj")).count();
     assert_eq!(last_gets, 1, "one read for 8 subscribes: {reads:?}");
 
